@@ -1,0 +1,269 @@
+"""Read SAM state dicts, infer the architecture from their keys and shapes, and load models.
+
+Keys are the public ones, so loading is the identity map. Anything that does not fit raises one
+:class:`CheckpointError` saying what the file is and listing missing / unexpected / mis-shaped keys.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+
+from .config import (MaskDecoderConfig, PromptEncoderConfig, SamConfig, TinyViTConfig, ViTConfig)
+from .modeling.sam import Sam, build_sam
+
+StateDict = Dict[str, torch.Tensor]
+ENC = "image_encoder."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit a SAM architecture."""
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
+    """Read a plain state dict from ``.pth``/``.pt`` (weights only, no code runs) or ``.safetensors``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"expected a checkpoint file, got a directory: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorsError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path))
+        except (SafetensorsError, OSError, ValueError) as exc:
+            raise CheckpointError(f"could not read safetensors file {path}: {exc}") from exc
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"refused to load {path}: it is not a plain state dict of tensors (loading it would run "
+                f"code from the file, which anyseg does not do). Re-save it as a state dict or as "
+                f".safetensors. Details: {str(exc).splitlines()[0]}"
+            ) from exc
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise CheckpointError(f"could not read {path} as a PyTorch checkpoint (truncated or not a "
+                                  f"checkpoint?): {str(exc).splitlines()[0]}") from exc
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
+    """Accept a state dict, or one nested under 'model' / 'state_dict'; check it holds tensors."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source}: expected a state dict (a mapping of names to tensors), "
+                              f"got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: expected only tensors in the state dict, found other values "
+                              f"under {bad[:5]}")
+    return dict(obj)
+
+
+def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
+    regex = re.compile(pattern)
+    found = {int(m.group(1)) for k in sd for m in [regex.match(k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def _infer_vit(sd: Mapping[str, torch.Tensor]) -> ViTConfig:
+    proj = sd[ENC + "patch_embed.proj.weight"]
+    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    pos = sd.get(ENC + "pos_embed")
+    grid = pos.shape[1] if pos is not None else 1024 // patch
+    depth = _count(sd, r"image_encoder\.blocks\.(\d+)\.")
+    if depth == 0:
+        raise CheckpointError("ViT encoder without blocks (no image_encoder.blocks.* keys)")
+    mlp_hidden = sd[ENC + "blocks.0.mlp.lin1.weight"].shape[0]
+    use_rel_pos = ENC + "blocks.0.attn.rel_pos_h" in sd
+    global_idx: List[int] = []
+    window = 14
+    heads = max(1, dim // 64)
+    if use_rel_pos:
+        head_dim = sd[ENC + "blocks.0.attn.rel_pos_h"].shape[1]
+        heads = dim // head_dim
+        windows = set()
+        for i in range(depth):
+            length = sd[ENC + f"blocks.{i}.attn.rel_pos_h"].shape[0]
+            if length == 2 * grid - 1:
+                global_idx.append(i)
+            else:
+                windows.add((length + 1) // 2)
+        if len(windows) > 1:
+            raise CheckpointError(f"windowed blocks disagree on the window size: {sorted(windows)}")
+        if windows:
+            window = windows.pop()
+    return ViTConfig(embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=tuple(global_idx),
+                     window_size=window, patch_size=patch, img_size=grid * patch, mlp_ratio=mlp_hidden / dim,
+                     out_chans=sd[ENC + "neck.0.weight"].shape[0], use_rel_pos=use_rel_pos,
+                     qkv_bias=ENC + "blocks.0.attn.qkv.bias" in sd, in_chans=in_chans)
+
+
+def _infer_tiny_vit(sd: Mapping[str, torch.Tensor], img_size: int) -> TinyViTConfig:
+    n_layers = _count(sd, r"image_encoder\.layers\.(\d+)\.")
+    if n_layers < 2:
+        raise CheckpointError("TinyViT encoder needs at least 2 stages (image_encoder.layers.*)")
+    conv1 = sd[ENC + "layers.0.blocks.0.conv1.c.weight"]
+    dims = [conv1.shape[1]]
+    expand = conv1.shape[0] / conv1.shape[1]
+    depths = [_count(sd, r"image_encoder\.layers\.0\.blocks\.(\d+)\.")]
+    heads, windows = [1], [7]
+    mlp_ratio = 4.0
+    for i in range(1, n_layers):
+        dims.append(sd[ENC + f"layers.{i}.blocks.0.attn.qkv.weight"].shape[1])
+        depths.append(_count(sd, rf"image_encoder\.layers\.{i}\.blocks\.(\d+)\."))
+        biases = sd[ENC + f"layers.{i}.blocks.0.attn.attention_biases"]
+        heads.append(biases.shape[0])
+        # A w x w window has w*w distinct (|dr|, |dc|) offsets.
+        side = int(round(biases.shape[1] ** 0.5))
+        if side * side != biases.shape[1]:
+            raise CheckpointError(f"stage {i}: {biases.shape[1]} attention offsets is not a square window")
+        windows.append(side)
+        mlp_ratio = sd[ENC + f"layers.{i}.blocks.0.mlp.fc1.weight"].shape[0] / dims[-1]
+    local = sd[ENC + "layers.1.blocks.0.local_conv.c.weight"].shape[-1]
+    head = sd.get(ENC + "head.weight")
+    return TinyViTConfig(embed_dims=tuple(dims), depths=tuple(depths), num_heads=tuple(heads),
+                         window_sizes=tuple(windows), mlp_ratio=mlp_ratio, mbconv_expand_ratio=expand,
+                         local_conv_size=local, img_size=img_size, out_chans=sd[ENC + "neck.0.weight"].shape[0],
+                         in_chans=sd[ENC + "patch_embed.seq.0.c.weight"].shape[1],
+                         num_classes=head.shape[0] if head is not None else 0)
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], *, img_size: Optional[int] = None) -> SamConfig:
+    """Reconstruct the :class:`SamConfig` of a SAM state dict from its keys and shapes.
+
+    ``img_size`` is needed only for TinyViT checkpoints trained at a resolution other than 1024
+    (nothing in a TinyViT's weights depends on it).
+    """
+    if not any(k.startswith(ENC) for k in sd):
+        sample = ", ".join(list(sd)[:5])
+        raise CheckpointError(
+            f"not a SAM checkpoint: no 'image_encoder.*' keys (found {len(sd)} keys such as {sample})"
+        )
+    try:
+        if ENC + "patch_embed.proj.weight" in sd:
+            encoder = _infer_vit(sd)
+            if img_size is not None and img_size != encoder.img_size:
+                raise CheckpointError(f"ViT position embedding is for {encoder.img_size} px inputs, not {img_size}")
+        elif ENC + "patch_embed.seq.0.c.weight" in sd:
+            encoder = _infer_tiny_vit(sd, img_size or 1024)
+        else:
+            raise CheckpointError("unknown image encoder: expected ViT keys (image_encoder.patch_embed.proj.*) "
+                                  "or TinyViT keys (image_encoder.patch_embed.seq.*)")
+        prompt = PromptEncoderConfig(
+            embed_dim=sd["prompt_encoder.no_mask_embed.weight"].shape[1],
+            mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0],
+        )
+        dec = "mask_decoder."
+        q_out = sd[dec + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0]
+        dim = sd[dec + "iou_token.weight"].shape[1]
+        decoder = MaskDecoderConfig(
+            transformer_dim=dim,
+            depth=_count(sd, r"mask_decoder\.transformer\.layers\.(\d+)\."),
+            mlp_dim=sd[dec + "transformer.layers.0.mlp.lin1.weight"].shape[0],
+            attention_downsample_rate=dim // q_out,
+            num_multimask_outputs=sd[dec + "mask_tokens.weight"].shape[0] - 1,
+            iou_head_depth=_count(sd, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
+            iou_head_hidden_dim=sd[dec + "iou_prediction_head.layers.0.weight"].shape[0],
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"incomplete SAM checkpoint: key {exc.args[0]!r} is missing") from exc
+    return SamConfig(encoder=encoder, prompt=prompt, decoder=decoder)
+
+
+def check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one :class:`CheckpointError` listing every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if not (missing or unexpected or misshaped):
+        return
+
+    def block(title: str, items: List[str]) -> str:
+        if not items:
+            return ""
+        shown = "\n    ".join(items[:20])
+        more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+        return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+    raise CheckpointError(
+        f"{source} does not match the SAM architecture inferred from it"
+        + block("missing keys", missing) + block("unexpected keys", unexpected)
+        + block("mis-shaped keys", misshaped)
+    )
+
+
+def model_from_state_dict(sd: Mapping[str, torch.Tensor], *, config: Optional[SamConfig] = None,
+                          source: str = "state dict") -> Sam:
+    """Build a model for ``sd`` (config inferred unless given) and load it strictly."""
+    sd = unwrap_state_dict(sd, source)
+    config = config or infer_config(sd)
+    model = build_sam(config)
+    check_keys(model, sd, source)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
+               dtype: Optional[torch.dtype] = None, *, img_size: Optional[int] = None) -> Sam:
+    """Load a SAM checkpoint, ready for inference (eval mode).
+
+    Args:
+        path_or_name: a ``.pth`` / ``.pt`` / ``.safetensors`` file, or a registered name
+            (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t``) resolved through the cache (see ``anyseg.hub``).
+        device: where to put the model (default: CPU).
+        dtype: parameter dtype (default: float32, the faithful path).
+        img_size: input resolution of a TinyViT checkpoint not trained at 1024.
+    """
+    from .hub import resolve_checkpoint
+
+    path = resolve_checkpoint(path_or_name)
+    sd = read_state_dict(path)
+    config = infer_config(sd, img_size=img_size)
+    model = model_from_state_dict(sd, config=config, source=str(path))
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def save_model(model: Sam, path: Union[str, os.PathLike]) -> Path:
+    """Save in the public layout (plain state dict; ``.safetensors`` by suffix), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp))
+        else:
+            torch.save(sd, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def with_image_size(config: SamConfig, img_size: int) -> SamConfig:
+    """The same architecture at another input resolution."""
+    return replace(config, encoder=replace(config.encoder, img_size=img_size))

@@ -1,0 +1,86 @@
+"""Mask decoder: output tokens + prompt tokens attend with the image embedding, then hypernetwork
+MLPs turn the mask tokens into per-pixel weights over upscaled image features."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..config import MaskDecoderConfig
+from .common import MLP, LayerNorm2d
+from .transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    def __init__(self, config: MaskDecoderConfig) -> None:
+        super().__init__()
+        dim = config.transformer_dim
+        self.transformer_dim = dim
+        self.num_multimask_outputs = config.num_multimask_outputs
+        self.num_mask_tokens = config.num_multimask_outputs + 1
+        self.transformer = TwoWayTransformer(depth=config.depth, dim=dim, num_heads=config.num_heads,
+                                             mlp_dim=config.mlp_dim,
+                                             downsample_rate=config.attention_downsample_rate)
+        self.iou_token = nn.Embedding(1, dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(dim, config.iou_head_hidden_dim, self.num_mask_tokens,
+                                       config.iou_head_depth)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_output: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode ``B`` prompts.
+
+        Args:
+            image_embeddings: ``1 x C x h x w`` (shared by every prompt) or ``B x C x h x w``.
+            image_pe: ``1 x C x h x w`` dense positional encoding.
+            sparse: ``B x T x C`` prompt tokens; dense: ``B x C x h x w``.
+        Returns:
+            low-res mask logits ``B x k x 4h x 4w`` and predicted IoU ``B x k``; k = 3 with
+            ``multimask_output`` (masks 1..3), else 1 (mask 0).
+        """
+        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense)
+        if multimask_output:
+            return masks[:, 1:], iou[:, 1:]
+        return masks[:, :1], iou[:, :1]
+
+    def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                      dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = sparse.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+        if image_embeddings.shape[0] not in (1, b):
+            raise ValueError(
+                f"expected 1 or {b} image embeddings for {b} prompts, got {image_embeddings.shape[0]}"
+            )
+        src = image_embeddings + dense
+        pos = image_pe.expand(b, -1, -1, -1)
+        hs, src = self.transformer(src, pos, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+
+        _, c, h, w = dense.shape
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        upscaled = self.output_upscaling(src)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        return masks, self.iou_prediction_head(iou_token_out)

@@ -1,0 +1,288 @@
+"""SamPredictor: encode one image once, then answer many prompts.
+
+Same methods, arguments, shapes and semantics as the reference ``segment_anything.SamPredictor``,
+so existing code works by changing the import. Prompts of :meth:`SamPredictor.predict` are in
+original-image pixels (XY); those of :meth:`SamPredictor.predict_torch` are already in the model
+frame (see :mod:`anyseg.geometry`).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .geometry import boxes_to_model, boxes_to_model_torch, coords_to_model, resized_shape
+from .modeling.sam import Sam
+
+
+class ImageNotSetError(RuntimeError, ValueError):
+    """A prediction was asked for before an image was set."""
+
+
+class Prediction(NamedTuple):
+    """Masks for a group of objects prompted together on one image.
+
+    masks: ``B x k x H x W`` bool (or float logits with ``return_logits``), original frame.
+    scores: ``B x k`` predicted IoU. low_res_logits: ``B x k x 256 x 256``.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+def _as_float_array(value, name: str, last_dim: int) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 1 and last_dim and arr.shape[0] == last_dim:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != last_dim:
+        raise ValueError(f"expected {name} of shape N x {last_dim}, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values: {arr.tolist()}")
+    return arr
+
+
+def check_points(point_coords, point_labels) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """Validate ``N x 2`` XY points and ``N`` labels in {0, 1}."""
+    if point_coords is None and point_labels is None:
+        return None, None
+    if point_coords is None:
+        raise ValueError("point_labels were given without point_coords")
+    if point_labels is None:
+        raise ValueError("point_coords must come with point_labels (1 = foreground, 0 = background)")
+    coords = _as_float_array(point_coords, "point_coords", 2)
+    labels = np.asarray(point_labels)
+    if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:
+        raise ValueError(f"expected {coords.shape[0]} point_labels (one per point), got shape {labels.shape}")
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"point_labels must be 0 (background) or 1 (foreground), got {labels.tolist()}")
+    return coords, labels.astype(np.int64)
+
+
+def check_boxes(box) -> Optional[np.ndarray]:
+    """Validate ``B x 4`` (or ``4``) XYXY boxes with x0 <= x1 and y0 <= y1."""
+    if box is None:
+        return None
+    boxes = _as_float_array(box, "box", 4)
+    bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if bad.any():
+        raise ValueError(f"boxes must be X0,Y0,X1,Y1 with X1 >= X0 and Y1 >= Y0, got {boxes[bad].tolist()}")
+    return boxes
+
+
+class SamPredictor:
+    """Computes the image embedding once and decodes prompts against it."""
+
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.reset_image()
+
+    # ----------------------------------------------------------------------------------------- image
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.is_image_set = False
+        self.features: Optional[torch.Tensor] = None
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+        self.original_size: Optional[Tuple[int, int]] = None
+        self.input_size: Optional[Tuple[int, int]] = None
+
+    def transform_image(self, image: np.ndarray) -> np.ndarray:
+        """``H x W x 3`` uint8 -> the image resized (PIL bilinear) so its long side is the model's input."""
+        new_h, new_w = resized_shape(image.shape[0], image.shape[1], self.model.img_size)
+        return np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+    @torch.inference_mode()
+    def set_image(self, image, image_format: str = "RGB") -> None:
+        """Encode an image: an ``H x W x 3`` uint8 array (RGB or BGR), a PIL image or a path."""
+        from .imageio import load_image
+
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = load_image(image, image_format=image_format)
+        resized = self.transform_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(tensor, image.shape[:2])
+
+    @torch.inference_mode()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
+        """Encode a ``1 x 3 x h x w`` image already resized so its long side is the model's input size."""
+        s = self.model.img_size
+        if (not isinstance(transformed_image, torch.Tensor) or transformed_image.ndim != 4
+                or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != s):
+            shape = tuple(getattr(transformed_image, "shape", ()))
+            raise ValueError(f"set_torch_image expects a B x 3 x h x w tensor with long side {s}, got {shape}")
+        self.reset_image()
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
+        self.orig_h, self.orig_w = self.original_size
+        self.input_h, self.input_w = self.input_size
+        dtype = next(self.model.parameters()).dtype
+        x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
+        self.features = self.model.encode_image(x.to(dtype))
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image embedding ``1 x 256 x 64 x 64``."""
+        self._require_image()
+        return self.features
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise ImageNotSetError("an image must be set with set_image(...) before predicting")
+
+    # --------------------------------------------------------------------------------------- prompts
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict masks for one object from prompts in original-image pixels.
+
+        Args:
+            point_coords: ``N x 2`` XY points; point_labels: ``N`` labels, 1 foreground / 0 background.
+            box: ``4`` or ``1 x 4`` XYXY box.
+            mask_input: ``1 x 256 x 256`` low-res logits from a previous prediction.
+            multimask_output: three masks (whole / part / sub-part) instead of one.
+            return_logits: return unthresholded logits instead of boolean masks.
+        Returns:
+            masks ``k x H x W``, scores ``k``, low-res logits ``k x 256 x 256`` (k = 3 or 1).
+        """
+        self._require_image()
+        coords, labels = check_points(point_coords, point_labels)
+        boxes = check_boxes(box)
+        if boxes is not None and boxes.shape[0] != 1:
+            raise ValueError(f"predict takes one box; use predict_batch for {boxes.shape[0]} boxes")
+        coords_t = labels_t = box_t = mask_t = None
+        if coords is not None:
+            coords_t = torch.as_tensor(coords_to_model(coords, self.original_size, self.model.img_size),
+                                       device=self.device)[None]
+            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None]
+        if boxes is not None:
+            box_t = torch.as_tensor(boxes_to_model(boxes, self.original_size, self.model.img_size),
+                                    device=self.device)
+        if mask_input is not None:
+            mask_t = torch.as_tensor(self._check_mask_input(mask_input), device=self.device)[None]
+        masks, scores, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output,
+                                                    return_logits=return_logits)
+        return (masks[0].detach().cpu().numpy(), scores[0].float().detach().cpu().numpy(),
+                low_res[0].float().detach().cpu().numpy())
+
+    def _check_mask_input(self, mask_input) -> np.ndarray:
+        side = self.model.prompt_encoder.mask_input_size[0]
+        arr = np.asarray(mask_input, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.shape != (1, side, side):
+            raise ValueError(
+                f"mask_input must be the 1 x {side} x {side} low-res logits of a previous prediction, "
+                f"got shape {arr.shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("mask_input contains NaN or infinite values")
+        return arr
+
+    @torch.inference_mode()
+    def predict_torch(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict masks for ``B`` prompts given in the model frame.
+
+        Args:
+            point_coords: ``B x N x 2`` model-frame XY; point_labels ``B x N``.
+            boxes: ``B x 4`` model-frame XYXY. mask_input: ``B x 1 x 256 x 256`` low-res logits.
+        Returns:
+            masks ``B x k x H x W`` (bool, or logits with ``return_logits``), IoU ``B x k``,
+            low-res logits ``B x k x 256 x 256``.
+        """
+        self._require_image()
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.model.embed_prompts(points=points, boxes=boxes, masks=mask_input)
+        low_res, iou = self.model.decode(self.features, sparse.to(self.features.dtype),
+                                         dense.to(self.features.dtype), multimask_output)
+        low_res = low_res.float()
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou.float(), low_res
+
+    def predict_batch(
+        self,
+        boxes: Optional[np.ndarray] = None,
+        point_coords: Optional[Sequence[np.ndarray]] = None,
+        point_labels: Optional[Sequence[np.ndarray]] = None,
+        multimask_output: bool = False,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Prompt many objects on the current image at once (original-image pixels).
+
+        Args:
+            boxes: ``B x 4`` XYXY, one box per object (or None).
+            point_coords: a list of ``N_i x 2`` arrays, one per object (ragged: N_i may differ);
+                point_labels: the matching list of ``N_i`` label arrays.
+        Objects with the same number of points are decoded together in one batch, so every object
+        gets exactly the masks a separate :meth:`predict` call would give.
+        Returns:
+            :class:`Prediction` with ``B x k x H x W`` masks, ``B x k`` scores, ``B x k x 256 x 256`` logits.
+        """
+        self._require_image()
+        checked_boxes = check_boxes(boxes) if boxes is not None else None
+        if point_coords is None and point_labels is not None:
+            raise ValueError("point_labels were given without point_coords")
+        if point_coords is not None:
+            if point_labels is None or len(point_labels) != len(point_coords):
+                raise ValueError("expected one point_labels array per point_coords array")
+            objects = [check_points(c, l) for c, l in zip(point_coords, point_labels)]
+        else:
+            objects = []
+        n = len(objects) if objects else (0 if checked_boxes is None else checked_boxes.shape[0])
+        if checked_boxes is not None and objects and checked_boxes.shape[0] != len(objects):
+            raise ValueError(f"{checked_boxes.shape[0]} boxes but {len(objects)} point lists: give one of each per object")
+        if n == 0:
+            raise ValueError("predict_batch needs boxes and/or point lists for at least one object")
+
+        groups: dict = {}
+        for i in range(n):
+            n_points = objects[i][0].shape[0] if objects else 0
+            groups.setdefault(n_points, []).append(i)
+        results: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * n
+        for n_points, idx in groups.items():
+            coords_t = labels_t = box_t = None
+            if n_points:
+                coords = np.stack([objects[i][0] for i in idx])
+                labels = np.stack([objects[i][1] for i in idx])
+                coords_t = torch.as_tensor(coords_to_model(coords, self.original_size, self.model.img_size),
+                                           device=self.device)
+                labels_t = torch.as_tensor(labels, device=self.device)
+            if checked_boxes is not None:
+                box_t = torch.as_tensor(boxes_to_model(checked_boxes[idx], self.original_size,
+                                                       self.model.img_size), device=self.device)
+            if coords_t is None and box_t is None:
+                raise ValueError("every object needs at least one point or a box")
+            out = self.predict_torch(coords_t, labels_t, box_t, None, multimask_output, return_logits)
+            for j, i in enumerate(idx):
+                results[i] = tuple(t[j] for t in out)
+        masks, scores, low_res = (torch.stack([r[k] for r in results]).cpu().numpy() for k in range(3))
+        return Prediction(masks, scores, low_res)
+
+    def transform_boxes_torch(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Original-frame ``B x 4`` boxes -> model frame, for use with :meth:`predict_torch`."""
+        self._require_image()
+        return boxes_to_model_torch(boxes, self.original_size, self.model.img_size)

@@ -1,0 +1,62 @@
+"""Shared test fixtures.
+
+The reference data lives outside the repository, in ``../shared`` beside the checkout (override with
+the ``ANYSEG_SHARED`` environment variable). It is read in place and never copied.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ANYSEG_SHARED", REPO.parent / "shared")).resolve()
+GOLDEN = SHARED / "golden"
+IMAGES = SHARED / "images"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        # Golden data must be present in CI; a missing directory is a set-up error, not a skip.
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"reference data not found at {path} (set ANYSEG_SHARED)")
+        pytest.skip(f"reference data not found at {path} (set ANYSEG_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return _require(GOLDEN)
+
+
+@pytest.fixture(scope="session")
+def images_dir() -> Path:
+    return _require(IMAGES)
+
+
+@pytest.fixture(scope="session")
+def manifest(golden_dir) -> dict:
+    return json.loads((golden_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def amg_helpers(golden_dir) -> dict:
+    return json.loads((golden_dir / "amg_helpers.json").read_text())
+
+
+def unpack_masks(packed: np.ndarray, shape) -> np.ndarray:
+    """Unpack the golden bit-packed boolean masks (see golden/README.md)."""
+    shape = tuple(int(s) for s in shape)
+    return np.unpackbits(packed, axis=-1)[..., : shape[-1]].reshape(shape).astype(bool)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(bool)
+    b = b.astype(bool)
+    union = np.logical_or(a, b).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(a, b).sum() / union)
