@@ -1,23 +1,41 @@
-"""anyseg: Segment Anything (SAM) in PyTorch, faithful to the public checkpoints."""
-from .checkpoint import CheckpointError, load_model, save_model
-from .config import SamConfig, TinyViTConfig, ViTConfig
-from .modeling import Sam, build_sam
-from .predictor import ImageNotSetError, Prediction, SamPredictor
+"""anyseg: Segment Anything (SAM) in PyTorch, faithful to the public checkpoints.
+
+The public names are imported on first use, so that light sub-packages (``anyseg.runtime``,
+``anyseg.imageio``) can be used without PyTorch installed.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "SamConfig": "config",
+    "ViTConfig": "config",
+    "TinyViTConfig": "config",
+    "Sam": "modeling.sam",
+    "build_sam": "modeling.sam",
+    "SamPredictor": "predictor",
+    "Prediction": "predictor",
+    "ImageNotSetError": "predictor",
+    "MaskGenerator": "automatic",
+    "SamAutomaticMaskGenerator": "automatic",
+    "load_image": "imageio",
+}
+
 
 def __getattr__(name):
-    # The generator pulls in pycocotools and friends; import it only when asked for.
-    if name in ("MaskGenerator", "SamAutomaticMaskGenerator"):
-        from . import automatic
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anyseg' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(automatic, name)
-    raise AttributeError(f"module 'anyseg' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = [
-    "CheckpointError", "ImageNotSetError", "MaskGenerator", "Prediction", "Sam", "SamAutomaticMaskGenerator",
-    "SamConfig", "SamPredictor", "TinyViTConfig", "ViTConfig", "__version__", "build_sam", "load_model",
-    "save_model",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]

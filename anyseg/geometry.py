@@ -7,10 +7,12 @@ Frames:
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch stays optional here: the ONNX runtime uses this module without it
+    import torch
 
 MODEL_SIDE = 1024
 
@@ -43,17 +45,19 @@ def boxes_to_model(boxes: np.ndarray, original_size: Tuple[int, int], target: in
     return out.reshape(boxes.shape)
 
 
-def coords_to_model_torch(coords: torch.Tensor, original_size: Tuple[int, int], target: int = MODEL_SIDE) -> torch.Tensor:
+def coords_to_model_torch(coords: "torch.Tensor", original_size: Tuple[int, int], target: int = MODEL_SIDE) -> "torch.Tensor":
     """Torch version of :func:`coords_to_model`; keeps device, returns float32."""
     h, w = original_size
     new_h, new_w = resized_shape(h, w, target)
+    import torch
+
     out = coords.to(torch.float64).clone()
     out[..., 0] = out[..., 0] * (new_w / w)
     out[..., 1] = out[..., 1] * (new_h / h)
     return out.to(torch.float32)
 
 
-def boxes_to_model_torch(boxes: torch.Tensor, original_size: Tuple[int, int], target: int = MODEL_SIDE) -> torch.Tensor:
+def boxes_to_model_torch(boxes: "torch.Tensor", original_size: Tuple[int, int], target: int = MODEL_SIDE) -> "torch.Tensor":
     """Torch version of :func:`boxes_to_model`."""
     out = coords_to_model_torch(boxes.reshape(-1, 2, 2), original_size, target)
     return out.reshape(boxes.shape)
