@@ -35,12 +35,12 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint file is empty: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             obj = load_file(str(path))
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"could not read safetensors file {path}: {exc}") from exc
     else:
         try:
@@ -122,7 +122,10 @@ def _infer_tiny_vit(sd: Mapping[str, torch.Tensor], img_size: int) -> TinyViTCon
     dims = [conv1.shape[1]]
     expand = conv1.shape[0] / conv1.shape[1]
     depths = [_count(sd, r"image_encoder\.layers\.0\.blocks\.(\d+)\.")]
-    heads, windows = [1], [7]
+    # Stage 0 is convolutional: its head count and window are unused and not stored in the weights,
+    # so they take MobileSAM's values (which makes a vit_t state dict infer exactly to vit_t).
+    default = TinyViTConfig()
+    heads, windows = [default.num_heads[0]], [default.window_sizes[0]]
     mlp_ratio = 4.0
     for i in range(1, n_layers):
         dims.append(sd[ENC + f"layers.{i}.blocks.0.attn.qkv.weight"].shape[1])
