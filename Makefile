@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   installs anyseg and runs its main job (segment an image, write masks + overlay)
+#   make test   installs anyseg with the test extras and runs the whole test suite
+PYTHON ?= python3
+SHARED ?= $(abspath ../shared)
+OUT ?= out/demo
+# The CPU build of PyTorch; an unpinned torch would pull the CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-test demo test bench
+
+install:
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -e .
+
+install-test:
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	bash scripts/setup-test-env.sh
+
+demo: install
+	$(PYTHON) -m anyseg segment $(SHARED)/images/dog.jpg --point 400,267 --multimask \
+		--model $(SHARED)/golden/mobilesam_checkpoint.pth -o $(OUT)
+	@echo "masks, overlay and JSON are in $(OUT)/"
+
+test: install-test
+	ANYSEG_SHARED=$(SHARED) $(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) -m anyseg bench

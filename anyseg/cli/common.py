@@ -1,0 +1,52 @@
+"""Pieces shared by the subcommands: model options and prompt parsing."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Tuple
+
+# Used when --model is not given.
+DEFAULT_MODEL = "vit_b"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
+        help="checkpoint file (.pth/.pt/.safetensors) or a registered name: vit_b, vit_l, vit_h, vit_t "
+             "(downloaded once into $ANYSEG_HOME, default ~/.cache/anyseg)",
+    )
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    import torch
+
+    from ..checkpoint import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(args.model, device=device)
+
+
+def parse_numbers(text: str, counts: Tuple[int, ...], what: str) -> List[float]:
+    """'1,2' -> [1.0, 2.0]; the number of values must be one of ``counts``."""
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        values = []
+    if len(values) not in counts or not values:
+        expected = " or ".join(str(c) for c in counts)
+        raise argparse.ArgumentTypeError(f"{what}: expected {expected} comma-separated numbers, got {text!r}")
+    return values
+
+
+def point_arg(text: str) -> List[float]:
+    values = parse_numbers(text, (2, 3), "--point X,Y[,LABEL]")
+    if len(values) == 3 and values[2] not in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"--point label must be 1 (foreground) or 0 (background), got {text!r}")
+    return values if len(values) == 3 else values + [1.0]
+
+
+def box_arg(text: str) -> List[float]:
+    values = parse_numbers(text, (4,), "--box X0,Y0,X1,Y1")
+    if values[2] < values[0] or values[3] < values[1]:
+        raise argparse.ArgumentTypeError(f"--box needs X1 >= X0 and Y1 >= Y0, got {text!r}")
+    return values
