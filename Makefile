@@ -24,7 +24,7 @@ demo: install
 	@echo "masks, overlay and JSON are in $(OUT)/"
 
 test: install-test
-	ANYSEG_SHARED=$(SHARED) $(PYTHON) -m pytest -q
+	ANYSEG_SHARED=$(SHARED) ANYSEG_REQUIRE_SHARED=1 $(PYTHON) -m pytest -q
 
 bench: install
 	$(PYTHON) -m anyseg bench

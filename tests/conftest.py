@@ -20,8 +20,9 @@ IMAGES = SHARED / "images"
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        # Golden data must be present in CI; a missing directory is a set-up error, not a skip.
-        if os.environ.get("CI"):
+        # Golden data must be present in CI and under `make test` (which sets ANYSEG_REQUIRE_SHARED):
+        # there a missing directory is a set-up error, not a skip.
+        if os.environ.get("CI") or os.environ.get("ANYSEG_REQUIRE_SHARED"):
             raise FileNotFoundError(f"reference data not found at {path} (set ANYSEG_SHARED)")
         pytest.skip(f"reference data not found at {path} (set ANYSEG_SHARED to the shared/ folder)")
     return path
