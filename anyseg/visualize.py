@@ -86,14 +86,17 @@ def overlay_masks(
     if len(colors) < len(masks):
         raise ValueError(f"need one colour per mask: got {len(colors)} colours for {len(masks)} masks")
     out = image.astype(np.float32)
-    order = np.argsort([-int(m.sum()) for m in masks], kind="stable")
-    for i in order:
-        mask = masks[i]
-        if not mask.any():
+    areas = masks.sum(axis=(1, 2))
+    for i in np.argsort(-areas, kind="stable"):
+        if areas[i] == 0:
             continue
-        out[mask] = (1 - alpha) * out[mask] + alpha * colors[i]
+        # Work inside the mask's bounding box: many masks are small next to the image.
+        rows, cols = np.flatnonzero(masks[i].any(axis=1)), np.flatnonzero(masks[i].any(axis=0))
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        mask, region = masks[i][box], out[box]
+        region[mask] = (1 - alpha) * region[mask] + alpha * colors[i]
         if outline:
-            out[_outline(mask)] = colors[i]
+            region[_outline(mask)] = colors[i]
     result = Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(result)
     line = max(2, round(max(image.shape[:2]) / 400))
