@@ -1,0 +1,96 @@
+"""``anyseg export``: write ONNX graphs of the decoder (and optionally the image encoder)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import add_model_arguments
+
+DESCRIPTION = """\
+Export SAM to ONNX for onnxruntime, onnxruntime-web or any other ONNX runtime.
+
+--decoder OUT.onnx   the prompt encoder + mask decoder (the per-click part, a few MB).
+                     Inputs: image_embeddings 1x256x64x64, point_coords 1xNx2 (model frame),
+                     point_labels 1xN (-1 pad, 0 bg, 1 fg, 2/3 box corners), mask_input 1x1x256x256,
+                     has_mask_input (1,), orig_im_size (2,) = (H, W). Outputs: masks (logits at H x W),
+                     iou_predictions, low_res_masks. One graph serves every image size.
+--encoder OUT.onnx   the image encoder with normalisation and padding inside: input "image"
+                     Bx3xhxw float RGB in [0, 255], resized so the long side is 1024.
+                     Big encoders (ViT-L/H) are written with their weights in OUT.onnx.data.
+--quantize           also write dynamically int8-quantized copies next to each graph
+                     (OUT.int8.onnx), about 4x smaller and usually faster on CPU.
+
+Export always runs on the CPU in float32. anyseg.runtime.OnnxPredictor runs the graphs without
+PyTorch (see docs/onnx.md)."""
+
+EXAMPLES = """\
+examples:
+  anyseg export --model vit_b --decoder sam_vit_b_decoder.onnx
+  anyseg export --model mobile_sam.pt --decoder dec.onnx --encoder enc.onnx --quantize
+  anyseg export --model vit_h --decoder dec.onnx --return-single-mask --opset 17"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export the decoder (and encoder) to ONNX", description=DESCRIPTION,
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--decoder", required=True, metavar="OUT.onnx", help="where to write the decoder graph")
+    parser.add_argument("--encoder", default=None, metavar="OUT.onnx",
+                        help="also write the image encoder graph here")
+    parser.add_argument("--quantize", action="store_true",
+                        help="also write int8-quantized copies (<name>.int8.onnx) of every graph written")
+    parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset, 13..20 (default: 17)")
+    parser.add_argument("--return-single-mask", action="store_true",
+                        help="decoder returns one mask: the best multimask output for a single click or a "
+                             "box alone, the single-mask output for more prompts")
+    parser.add_argument("--gelu-approximate", action="store_true",
+                        help="use the tanh approximation of GELU in the decoder (for runtimes without Erf)")
+    parser.add_argument("--use-stability-score", action="store_true",
+                        help="decoder reports each mask's stability score instead of its predicted IoU")
+    parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                        help="encoder weights in a separate OUT.onnx.data file: auto = when above ~1.8 GB "
+                             "(default), always, never (fails above 2 GB)")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def quantized_path(path: Path) -> Path:
+    """``dec.onnx`` -> ``dec.int8.onnx``."""
+    return path.with_name(path.stem + ".int8.onnx")
+
+
+def _size(path: Path) -> str:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        total += data.stat().st_size
+    return f"{total / 1e6:.1f} MB"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_model
+    from ..export import export_decoder, export_encoder, quantize
+    from ..export._common import check_opset, check_output_path
+
+    check_opset(args.opset)
+    outputs = [check_output_path(args.decoder)]
+    if args.encoder is not None:
+        outputs.append(check_output_path(args.encoder))
+    if len({p.resolve() for p in outputs}) != len(outputs):
+        raise ValueError("--decoder and --encoder must be different files")
+    model = load_model(args.model, device="cpu")
+    written = [export_decoder(model, args.decoder, opset=args.opset, return_single_mask=args.return_single_mask,
+                              gelu_approximate=args.gelu_approximate,
+                              use_stability_score=args.use_stability_score)]
+    print(f"decoder: {written[-1]} ({_size(written[-1])})", file=sys.stderr)
+    if args.encoder is not None:
+        external = {"auto": None, "always": True, "never": False}[args.external_data]
+        written.append(export_encoder(model, args.encoder, opset=args.opset, external_data=external))
+        print(f"encoder: {written[-1]} ({_size(written[-1])})", file=sys.stderr)
+    if args.quantize:
+        for path in written:
+            q = quantize(path, quantized_path(path))
+            print(f"int8:    {q} ({_size(q)})", file=sys.stderr)
+    return 0

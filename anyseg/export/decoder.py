@@ -1,0 +1,192 @@
+"""ONNX export of SAM's prompt encoder + mask decoder: the small, per-click part of the model.
+
+One graph serves every image: the caller gives the image embedding, prompts already in the model
+frame, and the original image size; the graph returns mask logits at that size.
+
+Graph inputs (all float32)
+--------------------------
+``image_embeddings``  ``1 x 256 x 64 x 64``  from the encoder (``64 = img_size / 16``).
+``point_coords``      ``1 x N x 2``  XY in the *model frame* (original pixels times
+                      ``new_w / W``, ``new_h / H``, see :mod:`anyseg.geometry`); N is dynamic.
+``point_labels``      ``1 x N``  -1 padding point, 0 background, 1 foreground, 2 box top-left,
+                      3 box bottom-right. A prompt without a box must end with one padding point
+                      ``(0, 0)`` / ``-1``; a box is given as its two corners with labels 2 and 3.
+``mask_input``        ``1 x 1 x 256 x 256``  low-res logits of an earlier prediction (zeros if none).
+``has_mask_input``    ``1``  1.0 to use ``mask_input``, 0.0 to ignore it.
+``orig_im_size``      ``2``  (H, W) of the original image, as floats.
+
+Graph outputs
+-------------
+``masks``             ``1 x k x H x W``  mask logits in the original frame (mask = logits > 0).
+``iou_predictions``   ``1 x k``  predicted IoU (or stability score, see ``use_stability_score``).
+``low_res_masks``     ``1 x k x 256 x 256``  logits to feed back as ``mask_input``.
+
+``k`` is 4 (the single-mask output 0 followed by the three multimask outputs 1..3), or 1 with
+``return_single_mask``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import (
+    FORMAT_VERSION,
+    KIND_DECODER,
+    META_FORMAT,
+    META_IMG_SIZE,
+    META_KIND,
+    META_OPSET,
+    PathLike,
+    check_opset,
+    export_graph,
+)
+
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
+                  "orig_im_size")
+DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+
+
+def _plain_copy(module: nn.Module, gelu_approximate: bool) -> nn.Module:
+    """A float32 CPU copy in eval mode with the plain (non-SDPA) attention path; the caller's model
+    is left untouched."""
+    module = copy.deepcopy(module).float().cpu().eval()
+    for m in module.modules():
+        if hasattr(m, "fused"):
+            m.fused = False
+        if gelu_approximate and isinstance(m, nn.GELU):
+            m.approximate = "tanh"
+    return module
+
+
+class SamOnnxDecoder(nn.Module):
+    """Prompt encoder + mask decoder + postprocessing as one traceable module (see module docs).
+
+    Args:
+        model: an :class:`anyseg.modeling.sam.Sam`.
+        return_single_mask: return one mask chosen by the reference rule: with two or fewer prompt
+            tokens (one click plus the padding point, or a box alone) the multimask output with the
+            highest score, otherwise the single-mask output 0.
+        use_stability_score: report the stability score of each low-res mask
+            (``|logits > 1| / |logits > -1|``) instead of the predicted IoU.
+        gelu_approximate: use the tanh approximation of GELU (faster on some runtimes, tiny
+            numerical differences).
+        stability_score_offset: the threshold offset of the stability score.
+    """
+
+    def __init__(self, model, *, return_single_mask: bool = False, use_stability_score: bool = False,
+                 gelu_approximate: bool = False, stability_score_offset: float = 1.0) -> None:
+        super().__init__()
+        self.prompt_encoder = _plain_copy(model.prompt_encoder, gelu_approximate)
+        self.mask_decoder = _plain_copy(model.mask_decoder, gelu_approximate)
+        self.img_size = int(model.img_size)
+        self.mask_threshold = float(model.mask_threshold)
+        self.return_single_mask = return_single_mask
+        self.use_stability_score = use_stability_score
+        self.stability_score_offset = float(stability_score_offset)
+        self.register_buffer("dense_pe", self.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+
+    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pe = self.prompt_encoder
+        emb = pe.pe_layer.encode((coords + 0.5) / self.img_size)
+        labels = labels.unsqueeze(-1)
+        emb = emb * (labels != -1)
+        emb = emb + pe.not_a_point_embed.weight * (labels == -1)
+        for value, table in enumerate(pe.point_embeddings):
+            emb = emb + table.weight * (labels == value)
+        return emb
+
+    def _embed_mask(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        pe = self.prompt_encoder
+        dense = has_mask_input * pe.mask_downscaling(mask_input)
+        return dense + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+    def _stability(self, masks: torch.Tensor) -> torch.Tensor:
+        high = (masks > self.mask_threshold + self.stability_score_offset).float().sum((-1, -2))
+        low = (masks > self.mask_threshold - self.stability_score_offset).float().sum((-1, -2))
+        return high / low
+
+    @staticmethod
+    def _select(masks: torch.Tensor, scores: torch.Tensor, num_tokens: torch.Tensor):
+        # Arithmetic instead of control flow: output 0 gains +-1000 depending on the token count.
+        reweight = torch.zeros_like(scores[:1])
+        reweight[:, 0] = 1000.0
+        best = torch.argmax(scores + (num_tokens - 2.5) * reweight, dim=1, keepdim=True)
+        b, _, h, w = masks.shape
+        masks = torch.gather(masks, 1, best[:, :, None, None].expand(b, 1, h, w))
+        return masks, torch.gather(scores, 1, best)
+
+    def _postprocess(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        s = self.img_size
+        masks = F.interpolate(masks, size=(s, s), mode="bilinear", align_corners=False)
+        # Same float64 arithmetic as anyseg.geometry.resized_shape, so the crop matches exactly.
+        size = orig_im_size.to(torch.float64)
+        scale = s / torch.max(size)
+        resized = torch.floor(size * scale + 0.5).to(torch.int64)
+        masks = masks[..., : resized[0], : resized[1]]
+        orig = orig_im_size.to(torch.int64)
+        return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor):
+        sparse = self._embed_points(point_coords, point_labels)
+        dense = self._embed_mask(mask_input, has_mask_input)
+        masks, scores = self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
+        if self.use_stability_score:
+            scores = self._stability(masks)
+        if self.return_single_mask:
+            num_tokens = torch.tensor(point_coords.shape[1], dtype=scores.dtype)
+            masks, scores = self._select(masks, scores, num_tokens)
+        return self._postprocess(masks, orig_im_size), scores, masks
+
+
+def example_decoder_inputs(model, num_points: int = 3, orig_size=(534.0, 800.0)):
+    """Dummy inputs of the right shapes for tracing (the values do not matter)."""
+    g = int(model.config.embedding_size)
+    dim = int(model.prompt_encoder.embed_dim)
+    side = 4 * g
+    gen = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(1, dim, g, g, generator=gen),
+        torch.rand(1, num_points, 2, generator=gen) * model.img_size,
+        torch.tensor([[1.0] * (num_points - 1) + [-1.0]]),
+        torch.randn(1, 1, side, side, generator=gen),
+        torch.tensor([1.0]),
+        torch.tensor(orig_size, dtype=torch.float32),
+    )
+
+
+def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask: bool = False,
+                   gelu_approximate: bool = False, use_stability_score: bool = False) -> Path:
+    """Export the prompt encoder + mask decoder of ``model`` to the ONNX file ``path``.
+
+    Inputs / outputs are those of the module docstring (the names of the reference SAM ONNX
+    model). Returns the written path. Raises ``ValueError`` for an opset outside
+    ``[13, 20]`` or a path not ending in ``.onnx``.
+    """
+    check_opset(opset)
+    wrapper = SamOnnxDecoder(model, return_single_mask=return_single_mask,
+                             use_stability_score=use_stability_score, gelu_approximate=gelu_approximate)
+    dynamic_axes = {
+        "point_coords": {1: "num_points"},
+        "point_labels": {1: "num_points"},
+        "masks": {2: "height", 3: "width"},
+    }
+    metadata = {
+        META_KIND: KIND_DECODER,
+        META_FORMAT: FORMAT_VERSION,
+        META_OPSET: str(opset),
+        META_IMG_SIZE: str(wrapper.img_size),
+        "anyseg.embedding_size": str(model.config.embedding_size),
+        "anyseg.return_single_mask": str(int(return_single_mask)),
+        "anyseg.use_stability_score": str(int(use_stability_score)),
+        "anyseg.gelu_approximate": str(int(gelu_approximate)),
+        "anyseg.num_masks": "1" if return_single_mask else str(wrapper.mask_decoder.num_mask_tokens),
+    }
+    with torch.no_grad():
+        return export_graph(wrapper, example_decoder_inputs(model), path, opset=opset,
+                            input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS,
+                            dynamic_axes=dynamic_axes, metadata=metadata, external_data=False)
