@@ -7,7 +7,7 @@ OUT ?= out/demo
 # The CPU build of PyTorch; an unpinned torch would pull the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test demo test bench web
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
@@ -16,7 +16,7 @@ install:
 install-test:
 	$(PYTHON) -m pip install -q "$(TORCH)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
-	bash scripts/setup-test-env.sh
+	PYTHON=$(PYTHON) bash scripts/setup-test-env.sh
 
 demo: install
 	$(PYTHON) -m anyseg segment $(SHARED)/images/dog.jpg --point 400,267 --multimask \
@@ -28,3 +28,7 @@ test: install-test
 
 bench: install
 	$(PYTHON) -m anyseg bench
+
+# Browser app assets: onnxruntime-web from npm, copied into anyseg/server/static/ort/ (git-ignored).
+web:
+	cd web && npm ci --ignore-scripts --no-audit --no-fund && node build.mjs

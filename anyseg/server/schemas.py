@@ -1,0 +1,159 @@
+"""Request and response bodies of the HTTP API (pydantic models, shown in the OpenAPI document).
+
+Coordinates are pixels of the original image: X to the right, Y down, origin at the top-left corner.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MaskFormat = Literal["coco_rle", "rle", "png", "polygons"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorResponse(BaseModel):
+    detail: Any = Field(..., description="what was wrong with the request")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    device: str
+    cache: Dict[str, int] = Field(..., description="entries, bytes, max_bytes, hits, misses, evictions")
+    encodes: int = Field(..., description="images encoded since start")
+    decoder: str = Field(..., description="browser decoder status: exporting, ready or unavailable")
+    annotations_file: Optional[str] = None
+    images_dir: bool = Field(..., description="whether a folder of images is served")
+    auth: bool = Field(..., description="whether requests need a bearer token")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    loaded: bool
+    encoder: str
+    img_size: int
+    embedding_shape: List[int]
+    mask_threshold: float
+
+
+class DecoderInfo(BaseModel):
+    status: Literal["exporting", "ready", "unavailable"]
+    reason: str = ""
+    url: Optional[str] = Field(None, description="where to fetch the ONNX graph when ready")
+    runtime_url: Optional[str] = Field(None, description="onnxruntime-web module served for the page, if installed")
+    opset: int
+    inputs: Dict[str, str] = Field(default_factory=dict, description="graph input names and shapes")
+
+
+class ImageInfo(BaseModel):
+    id: str = Field(..., description="SHA-256 of the image file's bytes; use it in later requests")
+    name: str = ""
+    width: int
+    height: int
+    input_width: int = Field(..., description="width in the model frame (long side = img_size)")
+    input_height: int
+    embedding_shape: List[int]
+    cached: bool = Field(..., description="true when the embedding came from the cache")
+    embedding: Optional[str] = Field(None, description="base64 little-endian float32 embedding, if asked for")
+
+
+class FileEncodeRequest(_Strict):
+    path: str = Field(..., description="image path relative to the served folder", max_length=4096)
+    include_embedding: bool = False
+
+
+class FileList(BaseModel):
+    files: List[str] = Field(..., description="image paths relative to the served folder (POSIX separators)")
+
+
+class DecodeRequest(_Strict):
+    points: Optional[List[List[float]]] = Field(None, description="N x 2 XY points", examples=[[[400, 267]]])
+    labels: Optional[List[int]] = Field(None, description="N labels: 1 foreground, 0 background", examples=[[1]])
+    box: Optional[List[float]] = Field(None, description="XYXY box: x0, y0, x1, y1", min_length=4, max_length=4)
+    mask_input: Optional[str] = Field(
+        None, description="base64 float32 1 x 256 x 256 low-res logits of a previous prediction (refinement)")
+    multimask: bool = Field(True, description="return three candidates (whole, part, sub-part) instead of one")
+    format: MaskFormat = "coco_rle"
+    polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0, description="simplification for format=polygons")
+    return_logits: bool = Field(True, description="include the low-res logits (for refinement)")
+
+
+class DecodedMask(BaseModel):
+    score: float = Field(..., description="predicted IoU")
+    area: int
+    bbox: List[float] = Field(..., description="XYWH")
+    mask: Any = Field(..., description="the mask in the requested format")
+
+
+class DecodeResponse(BaseModel):
+    id: str
+    width: int
+    height: int
+    format: MaskFormat
+    masks: List[DecodedMask] = Field(..., description="best first")
+    low_res_logits: Optional[str] = Field(None, description="base64 float32 k x 256 x 256, in the order of masks")
+    low_res_shape: List[int]
+    decode_ms: float
+
+
+class EverythingRequest(_Strict):
+    points_per_side: int = Field(16, ge=1, le=64)
+    points_per_batch: int = Field(64, ge=1, le=1024)
+    pred_iou_thresh: float = Field(0.88, ge=-1e9, le=1.0)
+    stability_score_thresh: float = Field(0.95, ge=-1e9, le=1.0)
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    min_mask_region_area: int = Field(0, ge=0)
+    format: MaskFormat = "coco_rle"
+    polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0)
+
+
+class EverythingMask(BaseModel):
+    area: int
+    bbox: List[float]
+    predicted_iou: float
+    stability_score: float
+    point_coords: List[List[float]]
+    mask: Any
+
+
+class EverythingResponse(BaseModel):
+    id: str
+    width: int
+    height: int
+    format: MaskFormat
+    masks: List[EverythingMask]
+    elapsed_ms: float
+
+
+class AnnotationCreate(_Strict):
+    image_id: str = Field(..., description="id of an encoded image", min_length=1, max_length=128)
+    label: str = Field(..., min_length=1, max_length=100)
+    segmentation: Any = Field(..., description="uncompressed RLE, COCO RLE, or a list of polygons, original frame")
+    score: Optional[float] = None
+    file_name: Optional[str] = Field(None, max_length=4096, description="defaults to the image's name")
+
+
+class AnnotationUpdate(_Strict):
+    label: str = Field(..., min_length=1, max_length=100)
+
+
+class Annotation(BaseModel):
+    id: int
+    image_id: int
+    anyseg_id: str
+    category_id: int
+    label: str
+    segmentation: Dict[str, Any]
+    area: int
+    bbox: List[float]
+    iscrowd: int
+    score: Optional[float] = None
+
+
+class AnnotationList(BaseModel):
+    annotations: List[Annotation]
+    persistent: bool = Field(..., description="whether changes are written to an annotations file")

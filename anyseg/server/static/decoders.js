@@ -1,0 +1,138 @@
+// Two interchangeable mask decoders with one interface:
+//   decode(image, prompt, maskInput) -> [{mask: Uint8Array(H*W), score, lowRes: Float32Array(256*256)}], best first
+// OnnxDecoder runs the exported decoder graph in the page (onnxruntime-web, WebAssembly);
+// ServerDecoder asks the server. Prompts are in original-image pixels; the ONNX graph wants the
+// model frame (long side resized to the model's input size), so points are scaled here.
+import { floatsToBase64, base64ToFloats, rleToMask } from './masks.js';
+import { getArrayBuffer, getJson, postJson } from './api.js';
+
+export class ServerDecoder {
+  constructor() {
+    this.name = 'server';
+  }
+
+  async prepare() {}
+
+  async decode(image, prompt, maskInput) {
+    const body = { multimask: true, format: 'rle', return_logits: true };
+    if (prompt.points.length) {
+      body.points = prompt.points.map((p) => [p.x, p.y]);
+      body.labels = prompt.points.map((p) => p.label);
+    }
+    if (prompt.box) body.box = [prompt.box.x0, prompt.box.y0, prompt.box.x1, prompt.box.y1];
+    if (maskInput) body.mask_input = floatsToBase64(maskInput);
+    const result = await postJson(`images/${image.id}/decode`, body);
+    const logits = base64ToFloats(result.low_res_logits);
+    const side = result.low_res_shape[1] * result.low_res_shape[2];
+    return result.masks.map((m, i) => ({
+      mask: rleToMask(m.mask),
+      score: m.score,
+      lowRes: logits.slice(i * side, (i + 1) * side),
+    }));
+  }
+}
+
+export class OnnxDecoder {
+  constructor(ort, session) {
+    this.name = 'onnx';
+    this.ort = ort;
+    this.session = session;
+    this.embeddings = new Map(); // image id -> ort.Tensor, most recent few
+  }
+
+  static async create(info) {
+    const ort = await import(info.runtime_url);
+    ort.env.wasm.wasmPaths = info.runtime_url.replace(/[^/]*$/, '');
+    // Threads need cross-origin isolation, which the server's COOP / COEP headers provide.
+    ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+    const graph = await getArrayBuffer(info.url);
+    const session = await ort.InferenceSession.create(graph, { executionProviders: ['wasm'] });
+    return new OnnxDecoder(ort, session);
+  }
+
+  async prepare(image) {
+    if (this.embeddings.has(image.id)) return;
+    const buffer = await getArrayBuffer(`images/${image.id}/embedding`);
+    const tensor = new this.ort.Tensor('float32', new Float32Array(buffer), image.embedding_shape);
+    this.embeddings.set(image.id, tensor);
+    while (this.embeddings.size > 4) this.embeddings.delete(this.embeddings.keys().next().value);
+  }
+
+  async decode(image, prompt, maskInput) {
+    await this.prepare(image);
+    const { Tensor } = this.ort;
+    const sx = image.input_width / image.width;
+    const sy = image.input_height / image.height;
+    const coords = [];
+    const labels = [];
+    for (const p of prompt.points) {
+      coords.push(p.x * sx, p.y * sy);
+      labels.push(p.label);
+    }
+    if (prompt.box) {
+      coords.push(prompt.box.x0 * sx, prompt.box.y0 * sy, prompt.box.x1 * sx, prompt.box.y1 * sy);
+      labels.push(2, 3);
+    } else {
+      coords.push(0, 0); // the padding point the graph expects without a box
+      labels.push(-1);
+    }
+    const n = labels.length;
+    const side = 256;
+    const feeds = {
+      image_embeddings: this.embeddings.get(image.id),
+      point_coords: new Tensor('float32', Float32Array.from(coords), [1, n, 2]),
+      point_labels: new Tensor('float32', Float32Array.from(labels), [1, n]),
+      mask_input: new Tensor('float32', maskInput || new Float32Array(side * side), [1, 1, side, side]),
+      has_mask_input: new Tensor('float32', Float32Array.from([maskInput ? 1 : 0]), [1]),
+      orig_im_size: new Tensor('float32', Float32Array.from([image.height, image.width]), [2]),
+    };
+    for (const name of Object.keys(feeds)) {
+      if (!this.session.inputNames.includes(name)) delete feeds[name];
+    }
+    const out = await this.session.run(feeds);
+    const masks = out.masks;
+    const k = masks.dims[1];
+    const hw = masks.dims[2] * masks.dims[3];
+    const lowSide = out.low_res_masks.dims[2] * out.low_res_masks.dims[3];
+    // With four outputs, 0 is the single-mask answer and 1..3 the three candidates.
+    const picks = k === 4 ? [1, 2, 3] : [...Array(k).keys()];
+    const candidates = picks.map((idx) => {
+      const logits = masks.data.subarray(idx * hw, (idx + 1) * hw);
+      const mask = new Uint8Array(hw);
+      for (let i = 0; i < hw; i++) mask[i] = logits[i] > 0 ? 1 : 0;
+      return {
+        mask,
+        score: out.iou_predictions.data[idx],
+        lowRes: out.low_res_masks.data.slice(idx * lowSide, (idx + 1) * lowSide),
+      };
+    });
+    candidates.sort((a, b) => b.score - a.score);
+    return candidates;
+  }
+}
+
+// The best decoder available now: the in-page one when the server has exported its graph and
+// ships the runtime, else the server. `onUpgrade` is called if the graph becomes ready later.
+export async function chooseDecoder(onUpgrade, log) {
+  let info;
+  try {
+    info = await getJson('decoder');
+  } catch (err) {
+    log(`decoder info unavailable: ${err.message}`);
+    return new ServerDecoder();
+  }
+  if (info.status === 'ready' && info.runtime_url) {
+    try {
+      return await OnnxDecoder.create(info);
+    } catch (err) {
+      log(`in-browser decoder failed to start (${err.message}); decoding on the server`);
+      return new ServerDecoder();
+    }
+  }
+  if (!info.runtime_url) log('onnxruntime-web is not installed on the server (make web); decoding on the server');
+  else if (info.status === 'unavailable') log(`decoding on the server: ${info.reason}`);
+  if (info.status === 'exporting' && info.runtime_url && onUpgrade) {
+    setTimeout(async () => onUpgrade(await chooseDecoder(onUpgrade, log)), 2000);
+  }
+  return new ServerDecoder();
+}

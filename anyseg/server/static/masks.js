@@ -1,0 +1,120 @@
+// Mask helpers: run-length encodings and colours. Masks are Uint8Array(H * W), row-major, 1 = object.
+
+// Uncompressed column-major RLE {size: [H, W], counts: [zeros, ones, zeros, ...]} -> mask.
+export function rleToMask(rle) {
+  const [h, w] = rle.size;
+  const mask = new Uint8Array(h * w);
+  let pos = 0;
+  let value = 0;
+  for (const count of rle.counts) {
+    if (value) {
+      for (let i = pos; i < pos + count; i++) {
+        const col = Math.floor(i / h);
+        mask[(i - col * h) * w + col] = 1;
+      }
+    }
+    pos += count;
+    value ^= 1;
+  }
+  return mask;
+}
+
+// Mask -> uncompressed column-major RLE (what the server accepts as a segmentation).
+export function maskToRle(mask, h, w) {
+  const counts = [];
+  let current = 0;
+  let run = 0;
+  for (let col = 0; col < w; col++) {
+    for (let row = 0; row < h; row++) {
+      const v = mask[row * w + col];
+      if (v !== current) {
+        counts.push(run);
+        run = 0;
+        current = v;
+      }
+      run++;
+    }
+  }
+  counts.push(run);
+  return { size: [h, w], counts };
+}
+
+// COCO compressed RLE counts string (pycocotools' format) -> counts list.
+export function cocoCounts(text) {
+  const counts = [];
+  let p = 0;
+  while (p < text.length) {
+    let x = 0;
+    let k = 0;
+    let more = 1;
+    while (more) {
+      const c = text.charCodeAt(p) - 48;
+      x |= (c & 0x1f) << (5 * k);
+      more = c & 0x20;
+      p++;
+      k++;
+      if (!more && (c & 0x10)) x |= -1 << (5 * k);
+    }
+    if (counts.length > 2) x += counts[counts.length - 2];
+    counts.push(x);
+  }
+  return counts;
+}
+
+export function cocoRleToMask(rle) {
+  const counts = typeof rle.counts === 'string' ? cocoCounts(rle.counts) : rle.counts;
+  return rleToMask({ size: rle.size, counts });
+}
+
+export function maskArea(mask) {
+  let n = 0;
+  for (let i = 0; i < mask.length; i++) n += mask[i];
+  return n;
+}
+
+const PALETTE = [
+  [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+  [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255],
+  [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195], [128, 128, 0], [0, 0, 128],
+];
+
+export function colour(i) {
+  return PALETTE[((i % PALETTE.length) + PALETTE.length) % PALETTE.length];
+}
+
+// Paint masks into an ImageData: each {mask, rgb, alpha}; later masks on top.
+export function paintMasks(imageData, layers) {
+  const data = imageData.data;
+  data.fill(0);
+  for (const { mask, rgb, alpha } of layers) {
+    const a = Math.round(alpha * 255);
+    for (let i = 0; i < mask.length; i++) {
+      if (mask[i]) {
+        const o = 4 * i;
+        data[o] = rgb[0];
+        data[o + 1] = rgb[1];
+        data[o + 2] = rgb[2];
+        data[o + 3] = a;
+      }
+    }
+  }
+  return imageData;
+}
+
+// Float32Array <-> base64 of little-endian float32 bytes (the API's encoding of arrays).
+export function floatsToBase64(floats) {
+  const bytes = new Uint8Array(floats.buffer, floats.byteOffset, floats.byteLength);
+  let text = '';
+  const step = 0x8000;
+  for (let i = 0; i < bytes.length; i += step) {
+    text += String.fromCharCode.apply(null, bytes.subarray(i, i + step));
+  }
+  return btoa(text);
+}
+
+export function base64ToFloats(text) {
+  const raw = atob(text);
+  const bytes = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+  return new Float32Array(bytes.buffer);
+}
