@@ -288,15 +288,17 @@ def calculate_stability_score(logits: torch.Tensor, mask_threshold: float, offse
 
 
 def rle_counts(masks: torch.Tensor) -> List[np.ndarray]:
-    """Column-major run lengths of ``B x H x W`` bool masks, one int64 numpy array per mask.
+    """Column-major run lengths of ``B x H x W`` bool masks, one numpy array per mask.
 
-    Same ``counts`` as :func:`mask_to_rle`, kept as arrays (compact when many masks are held).
+    Same ``counts`` as :func:`mask_to_rle`, kept as arrays (compact when many masks are held): uint32
+    while ``H * W`` fits in it (every image below 4 gigapixels), int64 beyond.
     """
     if masks.ndim != 3:
         raise ValueError(f"expected B x H x W masks, got shape {tuple(masks.shape)}")
     b, h, w = masks.shape
     if h * w == 0:
         return [np.zeros(1, dtype=np.int64) for _ in range(b)]
+    dtype = np.uint32 if h * w < 2**32 else np.int64
     flat = masks.bool().transpose(1, 2).reshape(b, h * w).cpu()
     # Index j+1 starts a new run when pixel j and j+1 differ.
     rows, cols = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
@@ -309,7 +311,7 @@ def rle_counts(masks: torch.Tensor) -> List[np.ndarray]:
         counts = np.diff(bounds)
         if first_set[i]:
             counts = np.concatenate(([0], counts))
-        out.append(counts.astype(np.int64, copy=False))
+        out.append(counts.astype(dtype))
     return out
 
 
