@@ -45,6 +45,7 @@ from .masks import (
     uncrop_points,
 )
 from .predictor import SamPredictor
+from .speed import get_config
 
 __all__ = ["MaskGenerator", "SamAutomaticMaskGenerator", "OUTPUT_MODES"]
 
@@ -268,7 +269,11 @@ class MaskGenerator:
         if self.progress:
             from tqdm import tqdm
 
-            total = sum(math.ceil(len(self.point_grids[i]) / self.points_per_batch) for i in layer_idxs)
+            config = get_config(self.model)
+            per_batch = self.points_per_batch
+            if config is not None and config.amg_points_per_batch is not None:
+                per_batch = int(config.amg_points_per_batch)
+            total = sum(math.ceil(len(self.point_grids[i]) / per_batch) for i in layer_idxs)
             bar = tqdm(total=total, desc="segment everything", unit="batch")
         try:
             parts = [self._process_crop(image, box, layer, orig_size, bar) for box, layer in zip(crop_boxes, layer_idxs)]
@@ -291,8 +296,12 @@ class MaskGenerator:
         # Grid in crop pixels, float64 as in the reference, so point_coords come out identical.
         points = self.point_grids[layer_idx] * np.array(crop_size, dtype=np.float64)[None, ::-1]
         parts = []
-        for start in range(0, len(points), self.points_per_batch):
-            parts.append(self._process_batch(points[start : start + self.points_per_batch], crop_size, crop_box, orig_size))
+        config = get_config(self.model)
+        batch = self.points_per_batch
+        if config is not None and config.amg_points_per_batch is not None:
+            batch = int(config.amg_points_per_batch)
+        for start in range(0, len(points), batch):
+            parts.append(self._process_batch(points[start : start + batch], crop_size, crop_box, orig_size))
             if bar is not None:
                 bar.update(1)
         self.predictor.reset_image()
@@ -319,6 +328,11 @@ class MaskGenerator:
 
     def _process_batch(self, points: np.ndarray, crop_size: Tuple[int, int], crop_box: List[int],
                        orig_size: Tuple[int, int]) -> _Proposals:
+        config = get_config(self.model)
+        if config is not None and (config.fast_decoder or config.fast_postprocess or config.amg_device_masks):
+            from .fast.amg import process_batch
+
+            return process_batch(self, points, crop_size, crop_box, orig_size)
         points_t = torch.as_tensor(points, dtype=torch.float64)
         low_res, iou = self._decode_low_res(points_t)
         k = low_res.shape[1]

@@ -225,7 +225,7 @@ def model_from_state_dict(sd: Mapping[str, torch.Tensor], *, config: Optional[Sa
 
 
 def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
-               dtype: Optional[torch.dtype] = None, *, img_size: Optional[int] = None) -> Sam:
+               dtype: Optional[torch.dtype] = None, *, img_size: Optional[int] = None, speed=None) -> Sam:
     """Load a SAM checkpoint, ready for inference (eval mode).
 
     Args:
@@ -234,6 +234,9 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
         device: where to put the model (default: CPU).
         dtype: parameter dtype (default: float32, the faithful path).
         img_size: input resolution of a TinyViT checkpoint not trained at 1024.
+        speed: fast paths to switch on (see ``anyseg.speed``): ``None`` or ``"faithful"`` (the
+            reference float32 computation), ``"lossless"``, ``"auto"`` (sensible for the device) or a
+            ``SpeedConfig``.
     """
     from .hub import resolve_checkpoint
 
@@ -244,6 +247,10 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
+    if speed is not None:
+        from .speed import apply, resolve
+
+        apply(model, resolve(speed, model.device))
     return model
 
 

@@ -14,7 +14,11 @@ import torch
 from PIL import Image
 
 from .geometry import boxes_to_model, boxes_to_model_torch, coords_to_model, resized_shape
+from . import speed
+from .fast.decoder import FastDecoder
+from .fast.resize import get_resizer
 from .modeling.sam import Sam
+from .speed import get_config
 
 
 class ImageNotSetError(RuntimeError, ValueError):
@@ -91,6 +95,7 @@ class SamPredictor:
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size: Optional[Tuple[int, int]] = None
         self.input_size: Optional[Tuple[int, int]] = None
+        self._fast_decoder = None  # per-image cache of the fast decoder (anyseg.speed)
 
     def transform_image(self, image: np.ndarray) -> np.ndarray:
         """``H x W x 3`` uint8 -> the image resized (PIL bilinear) so its long side is the model's input."""
@@ -122,9 +127,28 @@ class SamPredictor:
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         self.orig_h, self.orig_w = self.original_size
         self.input_h, self.input_w = self.input_size
-        dtype = next(self.model.parameters()).dtype
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features = self.model.encode_image(x.to(dtype))
+        if get_config(self.model) is None:
+            dtype = next(self.model.parameters()).dtype
+            self.features = self.model.encode_image(x.to(dtype))
+        else:
+            self.features = speed.encode(self.model, x)
+        self.is_image_set = True
+
+    def set_embedding(self, embedding: torch.Tensor, input_size: Tuple[int, int],
+                      original_size: Tuple[int, int]) -> None:
+        """Use an image embedding computed elsewhere (e.g. by :func:`anyseg.speed.encode_images`):
+        ``1 x 256 x g x g``, with the resized ``input_size`` (h, w) and the ``original_size`` (H, W)."""
+        g = self.model.config.embedding_size
+        if (not isinstance(embedding, torch.Tensor) or embedding.ndim != 4 or embedding.shape[0] != 1
+                or tuple(embedding.shape[2:]) != (g, g)):
+            raise ValueError(f"expected a 1 x C x {g} x {g} embedding, got {tuple(getattr(embedding, 'shape', ()))}")
+        self.reset_image()
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.orig_h, self.orig_w = self.original_size
+        self.input_h, self.input_w = self.input_size
+        self.features = embedding.to(self.device)
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -215,13 +239,35 @@ class SamPredictor:
             raise ValueError("point_coords and point_labels must be given together")
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.embed_prompts(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou = self.model.decode(self.features, sparse.to(self.features.dtype),
-                                         dense.to(self.features.dtype), multimask_output)
+        config = get_config(self.model)
+        if config is not None and config.fast_decoder:
+            with speed.decoder_autocast(self.model):
+                low_res, iou = self.fast_decoder()(sparse.to(self.features.dtype),
+                                                   None if mask_input is None else dense.to(self.features.dtype),
+                                                   multimask_output)
+        else:
+            low_res, iou = self.model.decode(self.features, sparse.to(self.features.dtype),
+                                             dense.to(self.features.dtype), multimask_output)
         low_res = low_res.float()
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if config is not None and config.fast_postprocess:
+            resizer = get_resizer(low_res.shape[-1], self.model.img_size, self.input_size, self.original_size)
+            masks = resizer(low_res)
+        else:
+            masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou.float(), low_res
+
+    def fast_decoder(self):
+        """The :class:`anyseg.fast.FastDecoder` for the current image (built on first use)."""
+        self._require_image()
+        if self._fast_decoder is None:
+            model = self.model
+            self._fast_decoder = FastDecoder(model.mask_decoder, model.prompt_encoder.get_dense_pe(),
+                                             model.prompt_encoder.no_mask_embed.weight)
+            with speed.decoder_autocast(model):
+                self._fast_decoder.set_image(self.features)
+        return self._fast_decoder
 
     def predict_batch(
         self,

@@ -8,13 +8,20 @@ from typing import List, Tuple
 DEFAULT_MODEL = "vit_b"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True) -> None:
     parser.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
         help="checkpoint file (.pth/.pt/.safetensors) or a registered name: vit_b, vit_l, vit_h, vit_t "
              "(downloaded once into $ANYSEG_HOME, default ~/.cache/anyseg)",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
+    if not speed:
+        return
+    parser.add_argument(
+        "--speed", choices=("auto", "lossless", "faithful"), default="auto",
+        help="fast paths: auto (lossless fast paths, plus bf16 where the hardware has it; default), lossless "
+             "(same float32 results as the reference, faster) or faithful (the reference computation)",
+    )
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -23,7 +30,7 @@ def load_model_from_args(args: argparse.Namespace):
     from ..checkpoint import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(args.model, device=device)
+    return load_model(args.model, device=device, speed=getattr(args, "speed", None))
 
 
 def parse_numbers(text: str, counts: Tuple[int, ...], what: str) -> List[float]:

@@ -55,7 +55,8 @@ def register(subparsers) -> None:
                         help="do not export the decoder for the page: decode every click on the server")
     parser.add_argument("--decoder-dir", default=None, metavar="DIR",
                         help="where the exported decoder graph is cached (default: $ANYSEG_HOME/onnx)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="server log verbosity (default: info)")
     parser.set_defaults(func=run)
 
 

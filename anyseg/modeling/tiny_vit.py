@@ -26,6 +26,18 @@ class ConvBN(nn.Sequential):
         super().__init__()
         self.add_module("c", nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(out_ch))
+        # Fast path (off by default): in eval mode, fold the BatchNorm statistics into the convolution
+        # and run one conv2d. Same math reordered; the stored parameters are untouched.
+        self.fold_bn = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.fold_bn and not self.training):
+            return super().forward(x)
+        conv, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+        bias = (bn.bias - bn.running_mean * scale).to(conv.weight.dtype)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class PatchEmbed(nn.Module):

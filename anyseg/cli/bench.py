@@ -1,0 +1,94 @@
+"""``anyseg bench``: time the faithful and fast paths on this machine and check the fast paths' quality."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+DESCRIPTION = """\
+Benchmark SAM on this machine: image encoding (ViT-B and MobileSAM), one click with three full-size
+masks, and segment-everything (MobileSAM, 32 x 32 grid with default thresholds; and a keep-every-mask
+run on a smaller grid that stresses mask post-processing). Each runs with the faithful float32 path
+and with the fast paths of anyseg.speed (lossless, int8, bf16 where the CPU has native bf16, auto).
+Speed rows use randomly initialised models (speed does not depend on the weights); quality rows compare
+each fast path with the faithful path on the golden checkpoints (found via --shared or $ANYSEG_SHARED).
+Prints markdown tables: wall and CPU seconds, speed-up, throughput, peak memory, mask IoU and
+segment-everything record matching. GPU rows are added when CUDA is available."""
+
+EXAMPLES = """\
+examples:
+  anyseg bench --quick
+  anyseg bench --tasks click amg --device cpu
+  anyseg bench --json bench.json --markdown bench.md --note "quiet machine"
+  python benchmarks/bench_speed.py --quick"""
+
+TASK_CHOICES = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark faithful vs fast paths", description=DESCRIPTION,
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats, 16 x 16 segment-everything grid, one quality image")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_CHOICES, default=list(TASK_CHOICES), metavar="TASK",
+                        help=f"rows to run (default all): {', '.join(TASK_CHOICES)}")
+    parser.add_argument("--device", action="append", default=None, metavar="DEV",
+                        help="cpu and/or cuda (repeatable; default cpu, plus cuda when available)")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="image for the speed rows (default: images/dog.jpg from --shared, 800 x 534)")
+    parser.add_argument("--shared", default=os.environ.get("ANYSEG_SHARED"), metavar="DIR",
+                        help="reference data folder with golden/ and images/ (default $ANYSEG_SHARED)")
+    parser.add_argument("--amg-side", type=int, default=None, metavar="N",
+                        help="points per side for the segment-everything row (default 32, 16 with --quick)")
+    parser.add_argument("--all-dtypes", action="store_true",
+                        help="also time bf16 on CPUs without native bf16 (slow there; useful for quality)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--note", default="", help="free text printed above the tables (e.g. machine load)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write all rows as JSON (atomic)")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="also write the tables as markdown (atomic)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..atomic import atomic_write, write_json_atomic
+    from ..fast.benchmark import run_benchmark
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.amg_side is not None and args.amg_side < 1:
+        raise ValueError(f"--amg-side must be >= 1, got {args.amg_side}")
+    shared = Path(args.shared) if args.shared else None
+    out = run_benchmark(tasks=args.tasks, quick=args.quick, devices=args.device,
+                        image_path=Path(args.image) if args.image else None, shared=shared,
+                        all_dtypes=args.all_dtypes, amg_side=args.amg_side, note=args.note,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    text = "\n\n".join(r["markdown"] for r in out["results"])
+    print(text)
+    if args.json:
+        write_json_atomic(args.json, out, indent=1)
+    if args.markdown:
+        with atomic_write(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_speed", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,284 @@
+"""Speed benchmark: faithful vs fast paths for encode, one click and segment everything, plus the
+quality of each fast path against the faithful one (used by ``benchmarks/bench_speed.py`` and
+``anyseg bench``).
+
+Speed rows use randomly initialised ``vit_b`` / ``vit_t`` models built from ``anyseg.config.VARIANTS``
+(run time does not depend on weight values) on an 800 x 534 image; quality rows use the golden
+checkpoints and images when the shared reference data is available.
+
+Columns: ``wall`` (best wall-clock seconds over the repeats), ``cpu`` (process CPU seconds of that
+repeat, all threads: less sensitive to other load on the machine than wall time), ``speedup`` (faithful
+wall / this wall, measured in the same process), throughput, and peak memory (resident set size sampled
+during the row, or CUDA max allocated on a GPU).
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..speed import SpeedConfig, apply, cpu_capabilities
+
+TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak RSS (sampled every 5 ms) or CUDA max allocated, over a ``with`` block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    best = None
+    with PeakMemory(device) as mem:
+        for _ in range(max(1, repeats)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            if best is None or wall < best[0]:
+                best = (wall, cpu)
+    return {"wall": best[0], "cpu": best[1], "peak_bytes": mem.peak}
+
+
+def speed_configs(device: torch.device, all_dtypes: bool = False) -> Dict[str, SpeedConfig]:
+    """The configurations benchmarked on ``device`` (name -> config)."""
+    configs = {"faithful": SpeedConfig.faithful(), "lossless": SpeedConfig.lossless()}
+    if device.type == "cpu":
+        configs["int8"] = SpeedConfig.lossless(int8_encoder=True)
+        if all_dtypes or cpu_capabilities()["bf16_matmul"]:
+            configs["bf16"] = SpeedConfig.lossless(encoder_dtype=torch.bfloat16)
+    else:
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        configs["bf16" if dt == torch.bfloat16 else "fp16"] = SpeedConfig.lossless(encoder_dtype=dt, decoder_dtype=dt)
+    configs["auto"] = SpeedConfig.auto(device)
+    return configs
+
+
+def _random_model(variant: str, device: torch.device):
+    from ..config import VARIANTS
+    from ..modeling.sam import build_sam
+
+    torch.manual_seed(0)
+    return build_sam(VARIANTS[variant]).to(device).eval()
+
+
+def machine_description(device: torch.device) -> str:
+    caps = cpu_capabilities()
+    text = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch threads "
+            f"{torch.get_num_threads()}, ISA {caps['isa']}, AMX {caps['amx']}, AVX512-BF16 {caps['avx512_bf16']}, "
+            f"torch {torch.__version__}")
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    try:
+        text += f", load average {os.getloadavg()[0]:.1f}"
+    except OSError:
+        pass
+    return text
+
+
+def run_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, configs: Dict[str, SpeedConfig],
+              amg_side: Optional[int] = None, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Time every task x config; returns one row dict per measurement."""
+    from ..automatic import MaskGenerator
+    from ..predictor import SamPredictor
+
+    rows: List[Dict[str, Any]] = []
+    models: Dict[str, Any] = {}
+
+    def model(variant: str):
+        if variant not in models:
+            models[variant] = _random_model(variant, device)
+        return models[variant]
+
+    def add(task: str, name: str, result: Dict[str, float], work: float, unit: str) -> None:
+        row = {"task": task, "config": name, "describe": configs[name].describe(), **result,
+               "throughput": work / result["wall"], "unit": unit}
+        base = next((r for r in rows if r["task"] == task and r["config"] == "faithful"), None)
+        row["speedup"] = base["wall"] / row["wall"] if base else 1.0
+        rows.append(row)
+        log(f"  {task:<16} {name:<9} wall {row['wall']:.3f}s cpu {row['cpu']:.3f}s x{row['speedup']:.2f}")
+
+    for task in tasks:
+        if task.startswith("encode_"):
+            variant = task.split("_", 1)[1]
+            for name, cfg in configs.items():
+                m = apply(model(variant), cfg)
+                p = SamPredictor(m)
+                slow = name == "faithful" and variant == "vit_b"
+                reps = 1 if quick or slow else 3
+                warm = 2 if cfg.compile else 1
+                add(task, name, _time(lambda: p.set_image(image), device, reps, warm), 1.0, "img/s")
+        elif task == "click":
+            m = model("vit_t")
+            for name, cfg in configs.items():
+                apply(m, cfg)
+                p = SamPredictor(m)
+                p.set_image(image)
+                pt, lb = np.array([[image.shape[1] * 0.5, image.shape[0] * 0.55]]), np.array([1])
+                add(task, name, _time(lambda: p.predict(pt, lb, multimask_output=True), device,
+                                      10 if quick else 30, 3), 1.0, "click/s")
+        elif task in ("amg", "amg_keepall"):
+            m = model("vit_t")
+            side = amg_side or (16 if quick else 32)
+            if task == "amg_keepall":
+                side = max(4, side // 2)
+                params = dict(points_per_side=side, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+            else:
+                params = dict(points_per_side=side)
+            for name, cfg in configs.items():
+                apply(m, cfg)
+                gen = MaskGenerator(m, output_mode="uncompressed_rle", **params)
+                out: List[int] = []
+                res = _time(lambda: out.append(len(gen.generate(image))), device, 1, 0)
+                add(f"{task}_{side}x{side}", name, res, side * side, "points/s")
+                rows[-1]["n_masks"] = out[-1]
+                gc.collect()
+    return rows
+
+
+def run_quality(shared: Path, configs: Dict[str, SpeedConfig], quick: bool,
+                log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Fast-vs-faithful quality on the golden checkpoints (CPU)."""
+    import json
+
+    from ..checkpoint import load_model
+    from ..imageio import load_image
+    from .quality import amg_quality, predictor_cases, predictor_quality
+
+    manifest = json.loads((shared / "golden" / "manifest.json").read_text())
+    images = ["dog.jpg"] if quick else ["truck.jpg", "dog.jpg"]
+    rows = []
+    for model_name in ("mobilesam", "vit_small"):
+        entry = manifest[model_name]
+        m = load_model(shared / "golden" / entry["checkpoint"], device="cpu")
+        imgs = [load_image(shared / "images" / i) for i in images]
+        cases = [predictor_cases(entry, i) for i in images]
+        amg_image = load_image(shared / "images" / "groceries.jpg")
+        amg_params = entry["amg"][0]["params"]
+        for name, cfg in configs.items():
+            if name == "faithful" or cfg.compile:
+                continue
+            pq = predictor_quality(m, cfg, imgs, cases)
+            aq = amg_quality(m, cfg, amg_image, amg_params)
+            rows.append({"model": model_name, "config": name, "min_mask_iou": pq["min_iou"],
+                         "worst_case": min(pq["per_case"], key=pq["per_case"].get),
+                         "max_score_err": pq["max_score_err"], **aq})
+            log(f"  quality {model_name:<9} {name:<9} min IoU {pq['min_iou']:.4f} AMG matched "
+                f"{aq['fast_in_faithful']:.3f}/{aq['faithful_in_fast']:.3f}")
+    return rows
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: List[Dict[str, Any]]) -> str:
+    """Markdown tables of the speed and quality rows."""
+    lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['device']}).", ""]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
+    mem = "peak CUDA alloc (MB)" if meta["device"].startswith("cuda") else "peak RSS (MB)"
+    lines += [f"| task | config | wall (s) | CPU (s) | speedup | throughput | {mem} | fast paths |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        extra = f" ({r['n_masks']} masks)" if "n_masks" in r else ""
+        lines.append(f"| {r['task']}{extra} | {r['config']} | {r['wall']:.3f} | {r['cpu']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['throughput']:.2f} {r['unit']} | {_mb(r['peak_bytes'])} | {r['describe']} |")
+    if quality:
+        lines += ["", "| model | config | min mask IoU vs faithful (worst case) | max IoU-score error | "
+                      "AMG fast matched in faithful | AMG faithful matched in fast |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for q in quality:
+            lines.append(f"| {q['model']} | {q['config']} | {q['min_mask_iou']:.4f} ({q['worst_case']}) | "
+                         f"{q['max_score_err']:.2e} | {q['fast_in_faithful']:.3f} ({q['n_fast']}) | "
+                         f"{q['faithful_in_fast']:.3f} ({q['n_faithful']}) |")
+    return "\n".join(lines)
+
+
+def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]] = None,
+                  image_path: Optional[Path] = None, shared: Optional[Path] = None, all_dtypes: bool = False,
+                  amg_side: Optional[int] = None, note: str = "", log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the benchmark and return ``{"meta", "rows", "quality", "markdown"}`` per device."""
+    from ..imageio import load_image
+
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if image_path is None and shared is not None and (shared / "images" / "dog.jpg").exists():
+        image_path = shared / "images" / "dog.jpg"
+    if image_path is not None:
+        image = load_image(image_path)
+    else:  # a synthetic 800 x 534 image (speed does not depend on content much)
+        rng = np.random.default_rng(0)
+        image = (rng.random((534, 800, 3)) * 255).astype(np.uint8)
+    results = []
+    for dev in devices:
+        device = torch.device(dev)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but CUDA is not available")
+        configs = speed_configs(device, all_dtypes)
+        meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_description(device),
+                "device": str(device), "quick": quick, "note": note,
+                "image": f"{image.shape[1]}x{image.shape[0]}"}
+        log(f"== {meta['machine']} [{dev}]")
+        speed_tasks = [t for t in tasks if t != "quality"]
+        rows = run_speed(device, speed_tasks, quick, image, configs, amg_side, log)
+        quality = []
+        if "quality" in tasks and device.type == "cpu":
+            if shared is None or not (shared / "golden" / "manifest.json").exists():
+                log("  quality skipped: golden data not found (set ANYSEG_SHARED or --shared)")
+            else:
+                quality = run_quality(shared, configs, quick, log)
+        results.append({"meta": meta, "rows": rows, "quality": quality,
+                        "markdown": format_tables(meta, rows, quality)})
+    return {"results": results}

@@ -1,0 +1,282 @@
+"""Speed switches over the faithful model, in one place.
+
+    import anyseg
+    from anyseg.speed import SpeedConfig, apply
+
+    model = anyseg.load_model("vit_b")
+    apply(model, SpeedConfig.auto(model.device))      # sensible fast paths for this device
+    predictor = anyseg.SamPredictor(model)             # picks the fast paths up
+    apply(model, SpeedConfig.faithful())               # back to the reference computation
+
+The faithful float32 path is the default (a model nobody called :func:`apply` on runs exactly as before).
+Fast paths come in two kinds (see ``docs/speed.md`` for numbers):
+
+* **lossless** -- the same float32 math reordered or fused; outputs match the faithful path to rounding
+  and stay within the golden tolerances: ``fused_attention`` (PyTorch SDPA, relative positions as an
+  additive bias), ``fold_batchnorm`` (TinyViT), ``fast_decoder`` (:class:`anyseg.fast.FastDecoder`:
+  per-image cache of the prompt-independent work, few-token attention without projecting the image,
+  upscaling as matrix products, IoU before upscaling), ``fast_postprocess``
+  (:class:`anyseg.fast.MaskResizer`: both bilinear resizes as one banded resampling), large point
+  batches and on-device boxes / RLE / NMS in segment-everything.
+* **reduced precision** -- ``encoder_dtype`` / ``decoder_dtype`` (bfloat16 on CPUs with AMX or
+  AVX512-BF16, bfloat16 / float16 on GPUs, through ``torch.autocast``) and ``int8_encoder`` (dynamic int8
+  linear layers, CPU). These keep the quality bar of ``docs/speed.md`` (mask IoU >= 0.98), not the
+  golden tolerances.
+
+Nothing here changes the model's parameters or state-dict keys: compiled / quantised encoders are kept
+beside the model, in ``model.speed_runtime``.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["SpeedConfig", "apply", "get_config", "cpu_capabilities", "encode", "encode_images"]
+
+_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(value) -> Optional[torch.dtype]:
+    if value is None or value == torch.float32:
+        return None
+    if isinstance(value, str):
+        if value.lower() not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {value!r}")
+        return _DTYPES[value.lower()]
+    if value in (torch.bfloat16, torch.float16):
+        return value
+    raise ValueError(f"dtype must be None, float32, bfloat16 or float16, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Which fast paths to use. Every field off / None is the faithful computation.
+
+    Attributes:
+        fused_attention: scaled_dot_product_attention in every attention module (lossless).
+        fold_batchnorm: fold TinyViT's BatchNorms into the convolutions (lossless).
+        fast_decoder: :class:`anyseg.fast.FastDecoder` for prompts and segment-everything (lossless).
+        fast_postprocess: one banded resampling from low-res logits to the original frame (lossless).
+        encoder_dtype / decoder_dtype: None (float32), ``torch.bfloat16`` or ``torch.float16`` (autocast).
+        int8_encoder: dynamically quantised int8 linear layers in the image encoder (CPU only).
+        compile: ``torch.compile`` the image encoder (first call is slow); compile_mode is passed on.
+        amg_points_per_batch: point prompts decoded together in segment-everything (None: the
+            generator's own ``points_per_batch``); results do not depend on it, memory does.
+        amg_device_masks: in segment-everything, keep masks on the model's device for boxes, stability
+            and run-length encoding, moving only run boundaries to the CPU (useful on GPUs).
+        encoder_batch_size: images encoded together by :func:`encode_images`.
+    """
+
+    fused_attention: bool = False
+    fold_batchnorm: bool = False
+    fast_decoder: bool = False
+    fast_postprocess: bool = False
+    encoder_dtype: Optional[torch.dtype] = None
+    decoder_dtype: Optional[torch.dtype] = None
+    int8_encoder: bool = False
+    compile: bool = False
+    compile_mode: Optional[str] = None
+    amg_points_per_batch: Optional[int] = None
+    amg_device_masks: bool = False
+    encoder_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoder_dtype", _dtype(self.encoder_dtype))
+        object.__setattr__(self, "decoder_dtype", _dtype(self.decoder_dtype))
+        if self.amg_points_per_batch is not None and int(self.amg_points_per_batch) < 1:
+            raise ValueError(f"amg_points_per_batch must be >= 1, got {self.amg_points_per_batch}")
+        if int(self.encoder_batch_size) < 1:
+            raise ValueError(f"encoder_batch_size must be >= 1, got {self.encoder_batch_size}")
+
+    # ------------------------------------------------------------------------------------ presets
+    @classmethod
+    def faithful(cls) -> "SpeedConfig":
+        """The reference computation (float32, explicit attention, two-step resize)."""
+        return cls()
+
+    @classmethod
+    def lossless(cls, **overrides: Any) -> "SpeedConfig":
+        """Every fast path that keeps float32 and the golden tolerances."""
+        return replace(cls(fused_attention=True, fold_batchnorm=True, fast_decoder=True, fast_postprocess=True),
+                       **overrides)
+
+    @classmethod
+    def auto(cls, device: Union[str, torch.device, None] = None, **overrides: Any) -> "SpeedConfig":
+        """Sensible defaults for a device: the lossless paths everywhere; a bfloat16 encoder on GPUs and on CPUs
+        with native bfloat16 matrix units (AMX or AVX512-BF16); larger point batches and on-device
+        mask processing on GPUs. ``overrides`` replace single fields."""
+        device = torch.device(device if device is not None else "cpu")
+        base = cls.lossless()
+        if device.type == "cuda":
+            dt = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+            # The decoder stays float32: it is cheap on a GPU, and reduced precision there costs mask
+            # quality on small objects (measured on the golden checkpoints).
+            base = replace(base, encoder_dtype=dt, amg_points_per_batch=256,
+                           amg_device_masks=True, encoder_batch_size=4)
+        elif device.type == "cpu" and cpu_capabilities()["bf16_matmul"]:
+            base = replace(base, encoder_dtype=torch.bfloat16)
+        return replace(base, **overrides)
+
+    @property
+    def is_faithful(self) -> bool:
+        return self == SpeedConfig()
+
+    def describe(self) -> str:
+        """Short text listing the fields that are not faithful."""
+        on = []
+        for key, value in asdict(self).items():
+            default = getattr(SpeedConfig, key)
+            if value != default and not (key == "encoder_batch_size" and value == 1):
+                on.append(key if value is True else f"{key}={str(value).replace('torch.', '')}")
+        return ", ".join(on) or "faithful"
+
+
+def cpu_capabilities() -> Dict[str, Any]:
+    """What this CPU offers: ``{"isa": "AVX2"|"AVX512"|..., "amx": bool, "avx512_bf16": bool,
+    "bf16_matmul": bool}`` (bf16_matmul: native bfloat16 matrix math, where bfloat16 pays off)."""
+    cpu = getattr(torch, "cpu", None)
+
+    def probe(name: str) -> bool:
+        fn = getattr(cpu, name, None)
+        try:
+            return bool(fn()) if fn is not None else False
+        except Exception:  # pragma: no cover - probing must never fail
+            return False
+
+    amx = probe("_is_amx_tile_supported")
+    avx512_bf16 = probe("_is_avx512_bf16_supported")
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        isa = "unknown"
+    return {"isa": isa, "amx": amx, "avx512_bf16": avx512_bf16, "bf16_matmul": amx or avx512_bf16}
+
+
+class SpeedRuntime:
+    """State kept beside a model by :func:`apply`: the encoder to call (compiled / quantised copy, or
+    the model's own) and the config."""
+
+    def __init__(self, config: SpeedConfig, encoder: torch.nn.Module) -> None:
+        self.config = config
+        self.encoder = encoder
+
+
+def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch.nn.Module:
+    """Switch a :class:`~anyseg.modeling.Sam` to ``config`` (default :meth:`SpeedConfig.auto` for its
+    device) in place and return it. ``SpeedConfig.faithful()`` switches everything back. Predictors and
+    mask generators created before or after the call pick the setting up at their next image."""
+    if config is None:
+        config = SpeedConfig.auto(model.device)
+    if not isinstance(config, SpeedConfig):
+        raise ValueError(f"expected a SpeedConfig, got {type(config).__name__}")
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = bool(config.fused_attention)
+        if hasattr(module, "fold_bn"):
+            module.fold_bn = bool(config.fold_batchnorm)
+    model.eval()
+    encoder = model.image_encoder
+    if config.int8_encoder:
+        if model.device.type != "cpu":
+            raise ValueError("int8_encoder is a CPU path; use encoder_dtype=torch.bfloat16/float16 on GPUs")
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            encoder = quantize_dynamic(copy.deepcopy(encoder).float(), {torch.nn.Linear}, dtype=torch.qint8)
+    if config.compile:
+        encoder = torch.compile(encoder, mode=config.compile_mode, dynamic=False)
+    model.speed_config = None if config.is_faithful else config
+    model.speed_runtime = None if config.is_faithful else SpeedRuntime(config, encoder)
+    return model
+
+
+def get_config(model: torch.nn.Module) -> Optional[SpeedConfig]:
+    """The model's active :class:`SpeedConfig`, or None for the faithful path."""
+    return getattr(model, "speed_config", None)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def encode(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Encode preprocessed ``B x 3 x S x S`` images with the model's fast paths -> ``B x 256 x g x g``
+    (float32 unless the model's parameters are of another dtype)."""
+    runtime = getattr(model, "speed_runtime", None)
+    param_dtype = next(model.parameters()).dtype
+    if runtime is None:
+        return model.encode_image(x.to(param_dtype))
+    config = runtime.config
+    encoder = runtime.encoder
+    if config.int8_encoder:
+        x = x.float()
+    else:
+        x = x.to(param_dtype)
+    with _autocast(x.device, config.encoder_dtype):
+        out = encoder(x)
+    return out.to(param_dtype)
+
+
+def decoder_autocast(model: torch.nn.Module):
+    """Context manager running the decoder in the configured dtype (a no-op for float32)."""
+    config = get_config(model)
+    return _autocast(model.device, None if config is None else config.decoder_dtype)
+
+
+@torch.inference_mode()
+def encode_images(model: torch.nn.Module, images: Sequence[np.ndarray],
+                  batch_size: Optional[int] = None) -> List[Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]]:
+    """Encode many ``H x W x 3`` uint8 RGB images, ``batch_size`` at a time (default: the config's
+    ``encoder_batch_size``). Returns ``(embedding 1 x 256 x g x g, input_size, original_size)`` per image,
+    ready for :meth:`anyseg.SamPredictor.set_embedding`."""
+    from PIL import Image
+
+    from .geometry import resized_shape
+
+    config = get_config(model) or SpeedConfig()
+    batch_size = int(batch_size or config.encoder_batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = []
+    for start in range(0, len(images), batch_size):
+        group = images[start : start + batch_size]
+        tensors, sizes = [], []
+        for image in group:
+            image = np.asarray(image)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected H x W x 3 uint8 RGB images, got shape {image.shape} dtype {image.dtype}")
+            h, w = resized_shape(image.shape[0], image.shape[1], model.img_size)
+            resized = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+            t = torch.as_tensor(resized, device=model.device).permute(2, 0, 1)[None].float()
+            tensors.append(model.preprocess(t))
+            sizes.append(((h, w), (int(image.shape[0]), int(image.shape[1]))))
+        emb = encode(model, torch.cat(tensors))
+        out.extend((emb[i : i + 1], *sizes[i]) for i in range(len(group)))
+    return out
+
+
+PRESETS = ("faithful", "lossless", "auto")
+
+
+def resolve(speed: Union[None, str, "SpeedConfig"], device: Union[str, torch.device, None] = None) -> "SpeedConfig":
+    """``None`` / ``"faithful"`` / ``"lossless"`` / ``"auto"`` / a :class:`SpeedConfig` -> a config."""
+    if speed is None:
+        return SpeedConfig.faithful()
+    if isinstance(speed, SpeedConfig):
+        return speed
+    if speed == "faithful":
+        return SpeedConfig.faithful()
+    if speed == "lossless":
+        return SpeedConfig.lossless()
+    if speed == "auto":
+        return SpeedConfig.auto(device)
+    raise ValueError(f"speed must be one of {', '.join(PRESETS)} or a SpeedConfig, got {speed!r}")

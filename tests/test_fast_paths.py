@@ -1,0 +1,226 @@
+"""Fast paths (anyseg.speed / anyseg.fast) against the faithful path and the golden data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anyseg
+from anyseg.config import MaskDecoderConfig
+from anyseg.fast.amg import rle_counts_on_device
+from anyseg.fast.decoder import FastDecoder
+from anyseg.fast.quality import match_records, predictor_cases
+from anyseg.fast.resize import MaskResizer
+from anyseg.masks import rle_counts
+from anyseg.modeling.mask_decoder import MaskDecoder
+from anyseg.speed import SpeedConfig, apply, get_config
+from conftest import mask_iou, unpack_masks
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ----------------------------------------------------------------------------------------- config
+def test_config_presets_and_validation():
+    assert SpeedConfig.faithful().is_faithful and SpeedConfig.faithful().describe() == "faithful"
+    lossless = SpeedConfig.lossless()
+    assert not lossless.is_faithful and lossless.encoder_dtype is None and lossless.fast_decoder
+    assert SpeedConfig(encoder_dtype="bf16").encoder_dtype == torch.bfloat16
+    assert SpeedConfig.auto("cuda").amg_device_masks
+    with pytest.raises(ValueError, match="dtype"):
+        SpeedConfig(encoder_dtype="int4")
+    with pytest.raises(ValueError, match="amg_points_per_batch"):
+        SpeedConfig(amg_points_per_batch=0)
+
+
+def test_apply_sets_switches_and_faithful_restores():
+    from anyseg.config import SamConfig, TinyViTConfig
+    from anyseg.modeling.sam import build_sam
+
+    model = build_sam(SamConfig(encoder=TinyViTConfig(embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1),
+                                                      num_heads=(1, 1, 1, 2), img_size=256)))
+    keys = list(model.state_dict())
+    apply(model, SpeedConfig.lossless())
+    flags = [m.fused for m in model.modules() if hasattr(m, "fused")]
+    assert flags and all(flags) and all(m.fold_bn for m in model.modules() if hasattr(m, "fold_bn"))
+    assert get_config(model) == SpeedConfig.lossless()
+    assert list(model.state_dict()) == keys  # no new or renamed parameters
+    apply(model, SpeedConfig.faithful())
+    assert get_config(model) is None and not any(m.fused for m in model.modules() if hasattr(m, "fused"))
+    with pytest.raises(ValueError, match="SpeedConfig"):
+        apply(model, "fast")
+
+
+# ------------------------------------------------------------------------------------ components
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fast_decoder_matches_mask_decoder(multimask, with_mask):
+    torch.manual_seed(0)
+    dec = MaskDecoder(MaskDecoderConfig()).eval()
+    for p in dec.parameters():  # non-trivial weights
+        p.data.add_(torch.randn_like(p) * 0.05)
+    emb = torch.randn(1, 256, 16, 16)
+    pe = torch.randn(1, 256, 16, 16)
+    no_mask = torch.randn(1, 256)
+    sparse = torch.randn(3, 4, 256)
+    dense = torch.randn(3, 256, 16, 16) if with_mask else no_mask.view(1, -1, 1, 1).expand(3, -1, 16, 16)
+    with torch.inference_mode():
+        want_masks, want_iou = dec(emb, pe, sparse, dense, multimask)
+        fast = FastDecoder(dec, pe, no_mask, upscale_chunk=2)
+        got_masks, got_iou = fast(sparse, dense if with_mask else None, multimask, embedding=emb)
+    assert got_masks.shape == want_masks.shape and got_iou.shape == want_iou.shape
+    scale = want_masks.abs().max().item()
+    assert (got_masks - want_masks).abs().max().item() <= 1e-4 * max(1.0, scale)
+    assert (got_iou - want_iou).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("input_size,original", [((683, 1024), (534, 800)), ((1024, 683), (1800, 1200)),
+                                                  ((1024, 1024), (100, 100)), ((1024, 5), (4000, 20))])
+def test_mask_resizer_matches_two_bilinear_resizes(input_size, original):
+    torch.manual_seed(0)
+    low = F.avg_pool2d(torch.randn(2, 1, 260, 260) * 20, 5, stride=1)[:, 0, :256, :256]  # smooth logits
+    want = F.interpolate(low[:, None], (1024, 1024), mode="bilinear", align_corners=False)
+    want = F.interpolate(want[..., : input_size[0], : input_size[1]], original, mode="bilinear",
+                         align_corners=False)[:, 0]
+    got = MaskResizer(256, 1024, input_size, original)(low)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-3
+    with pytest.raises(ValueError, match="logits"):
+        MaskResizer(256, 1024, input_size, original)(torch.zeros(1, 64, 64))
+
+
+def test_rle_on_device_matches_reference_rle():
+    torch.manual_seed(0)
+    masks = torch.rand(5, 7, 9) > 0.5
+    masks[0] = True
+    masks[1] = False
+    for a, b in zip(rle_counts_on_device(masks), rle_counts(masks)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_match_records_counts_both_directions():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[2:] = True
+    recs_a = [{"segmentation": a}, {"segmentation": b}]
+    recs_b = [{"segmentation": a}]
+    out = match_records(recs_a, recs_b)
+    assert out["a_in_b"] == 0.5 and out["b_in_a"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- golden parity
+@pytest.fixture(scope="module", params=["mobilesam", "vit_small"])
+def golden_model(request, manifest, golden_dir):
+    entry = manifest[request.param]
+    return request.param, entry, anyseg.load_model(golden_dir / entry["checkpoint"])
+
+
+def test_lossless_predictor_keeps_golden_tolerances(golden_model, golden_dir, images_dir):
+    name, entry, model = golden_model
+    apply(model, SpeedConfig.lossless())
+    try:
+        predictor = anyseg.SamPredictor(model)
+        predictor.set_image(images_dir / "dog.jpg")
+        spec = next(p for p in entry["predictor"] if p["image"] == "dog.jpg")
+        golden = np.load(golden_dir / spec["file"])
+        err = (predictor.get_image_embedding() - torch.from_numpy(golden["image_embedding"])).abs().max().item()
+        assert err <= 1e-3
+        checked = 0
+        for case in spec["cases"]:
+            if case["name"] in ("batched_boxes", "logits_case"):
+                continue
+            kwargs = dict(point_coords=case["point_coords"] and np.array(case["point_coords"]),
+                          point_labels=case["point_labels"] and np.array(case["point_labels"]),
+                          box=None if case["box"] is None else np.array(case["box"]),
+                          multimask_output=case["multimask_output"])
+            if "mask_input" in case:
+                kwargs["mask_input"] = golden["refine_mask_input"]
+            masks, iou, low_res = predictor.predict(**kwargs)
+            n = case["name"]
+            np.testing.assert_allclose(iou, golden[f"{n}_iou"], atol=1e-3, rtol=0)
+            np.testing.assert_allclose(low_res, golden[f"{n}_low_res_logits"], atol=1e-2, rtol=0)
+            want = unpack_masks(golden[f"{n}_masks_packed"], golden[f"{n}_masks_shape"])
+            for got_m, want_m in zip(masks, want):
+                assert mask_iou(got_m, want_m) >= 0.999
+            checked += 1
+        assert checked == 6
+    finally:
+        apply(model, SpeedConfig.faithful())
+
+
+def test_lossless_amg_keeps_golden_tolerances(manifest, golden_dir, images_dir):
+    import json
+
+    from anyseg.masks import coco_rle_to_mask
+
+    entry = manifest["mobilesam"]
+    model = anyseg.load_model(golden_dir / entry["checkpoint"])
+    case = entry["amg"][0]
+    want = json.loads((golden_dir / case["file"]).read_text())["masks"]
+    # Odd batch size and on-device masks: neither may change the records.
+    apply(model, SpeedConfig.lossless(amg_points_per_batch=7, amg_device_masks=True))
+    try:
+        got = anyseg.MaskGenerator(model, output_mode="coco_rle", **case["params"]).generate(images_dir / "groceries.jpg")
+    finally:
+        apply(model, SpeedConfig.faithful())
+    assert len(got) == len(want) == case["n_masks"]
+    for g, w in zip(got, want):
+        assert abs(g["predicted_iou"] - w["predicted_iou"]) <= 1e-3
+        assert abs(g["stability_score"] - w["stability_score"]) <= 1e-3
+        assert np.abs(np.array(g["bbox"]) - np.array(w["bbox"])).max() <= 2
+        assert g["point_coords"] == w["point_coords"] and g["crop_box"] == w["crop_box"]
+        assert mask_iou(coco_rle_to_mask(g["segmentation"]), coco_rle_to_mask(w["segmentation"])) >= 0.99
+
+
+def test_int8_encoder_quality_bar_vit_small(manifest, golden_dir, images_dir):
+    """Dynamic int8 encoder on the ViT checkpoint: every golden case keeps mask IoU >= 0.98."""
+    from anyseg.fast.quality import predictor_quality
+
+    entry = manifest["vit_small"]
+    model = anyseg.load_model(golden_dir / entry["checkpoint"])
+    image = anyseg.load_image(images_dir / "dog.jpg")
+    out = predictor_quality(model, SpeedConfig.lossless(int8_encoder=True), [image], [predictor_cases(entry, "dog.jpg")])
+    assert out["min_iou"] >= 0.98, out["per_case"]
+    assert get_config(model) is None
+
+
+# ------------------------------------------------------------------------------------------- GPU
+@CUDA
+def test_gpu_auto_matches_cpu_faithful(manifest, golden_dir, images_dir):
+    from anyseg.fast.quality import mask_iou as iou
+
+    entry = manifest["vit_small"]
+    image = anyseg.load_image(images_dir / "dog.jpg")
+    cpu = anyseg.SamPredictor(anyseg.load_model(golden_dir / entry["checkpoint"]))
+    gpu_model = apply(anyseg.load_model(golden_dir / entry["checkpoint"], device="cuda"), SpeedConfig.auto("cuda"))
+    gpu = anyseg.SamPredictor(gpu_model)
+    cpu.set_image(image)
+    gpu.set_image(image)
+    for case in predictor_cases(entry, "dog.jpg"):
+        want, _, _ = cpu.predict(**case["kwargs"])
+        got, _, _ = gpu.predict(**case["kwargs"])
+        assert min(iou(a, b) for a, b in zip(got, want)) >= 0.98, case["name"]
+
+
+@CUDA
+def test_gpu_lossless_amg_matches_faithful(manifest, golden_dir, images_dir):
+    from anyseg.fast.quality import amg_quality
+
+    entry = manifest["mobilesam"]
+    model = anyseg.load_model(golden_dir / entry["checkpoint"], device="cuda")
+    out = amg_quality(model, SpeedConfig.auto("cuda"), anyseg.load_image(images_dir / "groceries.jpg"),
+                      entry["amg"][0]["params"])
+    assert out["fast_in_faithful"] >= 0.95 and out["faithful_in_fast"] >= 0.95
+
+
+def test_load_model_speed_presets(golden_dir, manifest):
+    path = golden_dir / manifest["mobilesam"]["checkpoint"]
+    faithful = anyseg.load_model(path)
+    assert get_config(faithful) in (None, SpeedConfig.faithful())
+    fast = anyseg.load_model(path, speed="lossless")
+    assert get_config(fast) == SpeedConfig.lossless()
+    for a, b in zip(faithful.state_dict().values(), fast.state_dict().values()):
+        assert torch.equal(a, b), "fast paths never change the weights"
+    with pytest.raises(ValueError, match="faithful, lossless, auto"):
+        anyseg.load_model(path, speed="turbo")
