@@ -18,7 +18,7 @@ _EXPORTS = {
     "build_sam": "modeling.sam",
     "SamPredictor": "predictor",
     "Prediction": "predictor",
-    "ImageNotSetError": "predictor",
+    "ImageNotSetError": "prompts",
     "MaskGenerator": "automatic",
     "SamAutomaticMaskGenerator": "automatic",
     "load_image": "imageio",

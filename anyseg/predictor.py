@@ -18,11 +18,8 @@ from . import speed
 from .fast.decoder import FastDecoder
 from .fast.resize import get_resizer
 from .modeling.sam import Sam
+from .prompts import ImageNotSetError, check_boxes, check_mask_input, check_points
 from .speed import get_config
-
-
-class ImageNotSetError(RuntimeError, ValueError):
-    """A prediction was asked for before an image was set."""
 
 
 class Prediction(NamedTuple):
@@ -35,45 +32,6 @@ class Prediction(NamedTuple):
     masks: np.ndarray
     scores: np.ndarray
     low_res_logits: np.ndarray
-
-
-def _as_float_array(value, name: str, last_dim: int) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 1 and last_dim and arr.shape[0] == last_dim:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != last_dim:
-        raise ValueError(f"expected {name} of shape N x {last_dim}, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or infinite values: {arr.tolist()}")
-    return arr
-
-
-def check_points(point_coords, point_labels) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """Validate ``N x 2`` XY points and ``N`` labels in {0, 1}."""
-    if point_coords is None and point_labels is None:
-        return None, None
-    if point_coords is None:
-        raise ValueError("point_labels were given without point_coords")
-    if point_labels is None:
-        raise ValueError("point_coords must come with point_labels (1 = foreground, 0 = background)")
-    coords = _as_float_array(point_coords, "point_coords", 2)
-    labels = np.asarray(point_labels)
-    if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:
-        raise ValueError(f"expected {coords.shape[0]} point_labels (one per point), got shape {labels.shape}")
-    if labels.size and not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"point_labels must be 0 (background) or 1 (foreground), got {labels.tolist()}")
-    return coords, labels.astype(np.int64)
-
-
-def check_boxes(box) -> Optional[np.ndarray]:
-    """Validate ``B x 4`` (or ``4``) XYXY boxes with x0 <= x1 and y0 <= y1."""
-    if box is None:
-        return None
-    boxes = _as_float_array(box, "box", 4)
-    bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if bad.any():
-        raise ValueError(f"boxes must be X0,Y0,X1,Y1 with X1 >= X0 and Y1 >= Y0, got {boxes[bad].tolist()}")
-    return boxes
 
 
 class SamPredictor:
@@ -202,18 +160,7 @@ class SamPredictor:
                 low_res[0].float().detach().cpu().numpy())
 
     def _check_mask_input(self, mask_input) -> np.ndarray:
-        side = self.model.prompt_encoder.mask_input_size[0]
-        arr = np.asarray(mask_input, dtype=np.float32)
-        if arr.ndim == 2:
-            arr = arr[None]
-        if arr.shape != (1, side, side):
-            raise ValueError(
-                f"mask_input must be the 1 x {side} x {side} low-res logits of a previous prediction, "
-                f"got shape {arr.shape}"
-            )
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("mask_input contains NaN or infinite values")
-        return arr
+        return check_mask_input(mask_input, self.model.prompt_encoder.mask_input_size[0])
 
     @torch.inference_mode()
     def predict_torch(

@@ -13,24 +13,10 @@ from PIL import Image
 
 from ..geometry import boxes_to_model, coords_to_model, resized_shape
 from ..imageio import load_image
+from ..prompts import ImageNotSetError, check_mask_input, float_rows
 from .graphs import KIND_DECODER, KIND_ENCODER, GraphSession, open_graph
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class ImageNotSetError(RuntimeError, ValueError):
-    """A prediction was asked for before an image (or an embedding) was set."""
-
-
-def _float_rows(value, name: str, width: int) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 1 and arr.shape[0] == width:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != width:
-        raise ValueError(f"expected {name} of shape N x {width}, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or infinite values: {arr.tolist()}")
-    return arr
 
 
 class OnnxPredictor:
@@ -134,7 +120,7 @@ class OnnxPredictor:
             if point_coords is None or point_labels is None:
                 raise ValueError("point_coords and point_labels must be given together "
                                  "(labels: 1 = foreground, 0 = background)")
-            coords = _float_rows(point_coords, "point_coords", 2)
+            coords = float_rows(point_coords, "point_coords", 2)
             labels = np.asarray(point_labels)
             if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:
                 raise ValueError(f"expected {coords.shape[0]} point_labels (one per point), got shape {labels.shape}")
@@ -142,7 +128,7 @@ class OnnxPredictor:
                 raise ValueError(f"point_labels must be 0 (background) or 1 (foreground), got {labels.tolist()}")
         boxes = None
         if box is not None:
-            boxes = _float_rows(box, "box", 4)
+            boxes = float_rows(box, "box", 4)
             if boxes.shape[0] != 1:
                 raise ValueError(f"predict takes one box, got {boxes.shape[0]}")
             if boxes[0, 2] < boxes[0, 0] or boxes[0, 3] < boxes[0, 1]:
@@ -187,14 +173,7 @@ class OnnxPredictor:
         coords, labels = self.prompt_inputs(point_coords, point_labels, box)
         side = 4 * int(self.features.shape[-1])
         if mask_input is not None:
-            mask = np.asarray(mask_input, dtype=np.float32)
-            if mask.ndim == 2:
-                mask = mask[None]
-            if mask.shape != (1, side, side):
-                raise ValueError(f"mask_input must be the 1 x {side} x {side} low-res logits of a previous "
-                                 f"prediction, got shape {mask.shape}")
-            if not np.all(np.isfinite(mask)):
-                raise ValueError("mask_input contains NaN or infinite values")
+            mask = check_mask_input(mask_input, side)
             mask, has_mask = mask[None], np.ones(1, np.float32)
         else:
             mask, has_mask = np.zeros((1, 1, side, side), np.float32), np.zeros(1, np.float32)
