@@ -46,6 +46,8 @@ __all__ = [
     "download",
     "get_checkpoint_info",
     "register_checkpoint",
+    "BUNDLED",
+    "bundled_path",
     "resolve_checkpoint",
     "unregister_checkpoint",
 ]
@@ -150,6 +152,27 @@ _ALIASES: dict[str, str] = {
 REGISTRY: Mapping[str, CheckpointInfo] = MappingProxyType(_REGISTRY)
 """Read-only view of the known checkpoints, keyed by name; add entries with :func:`register_checkpoint`."""
 
+# Models shipped inside the package (``anyseg/weights/``): resolved without the cache or any download.
+_BUNDLED: dict[str, str] = {"nano": "nano.safetensors"}
+BUNDLED: Mapping[str, str] = MappingProxyType(_BUNDLED)
+"""Read-only view of the built-in models: name -> file name in ``anyseg/weights/``."""
+
+
+def bundled_path(name: str) -> Path | None:
+    """The file of a built-in model (``"nano"``), or ``None`` when ``name`` is not one.
+
+    Raises:
+        FileNotFoundError: the name is built in but its file is missing from the installation.
+    """
+    filename = _BUNDLED.get(_normalize(name))
+    if filename is None:
+        return None
+    path = Path(__file__).resolve().parent / "weights" / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"built-in model {name!r} is missing from this installation (expected {path}); "
+                                "reinstall anyseg with its package data")
+    return path
+
 
 def _normalize(name: str) -> str:
     return name.strip().lower().replace("-", "_")
@@ -251,6 +274,8 @@ def resolve_checkpoint(
     * An existing file is returned unchanged (as a :class:`~pathlib.Path`).
     * Anything that looks like a path (a path object, a string with a path separator or ending
       in ``.pth`` / ``.pt`` / ``.safetensors``) but does not exist raises :class:`FileNotFoundError`.
+    * A built-in name (see :data:`BUNDLED`: ``"nano"``) gives the file shipped in ``anyseg/weights/``
+      (never downloaded).
     * A registry name (see :data:`REGISTRY`, aliases such as ``"default"`` and ``"mobilesam"``)
       gives the cached file, downloading it first if needed and allowed.
 
@@ -291,6 +316,9 @@ def resolve_checkpoint(
             raise FileNotFoundError(f"checkpoint path is a directory, not a file: {text}")
         raise FileNotFoundError(f"checkpoint file not found: {text}")
 
+    bundled = bundled_path(text)
+    if bundled is not None:
+        return bundled
     info = get_checkpoint_info(text)
     dest = checkpoints_dir() / info.filename
     if dest.is_file():

@@ -4,15 +4,20 @@ from __future__ import annotations
 import argparse
 from typing import List, Tuple
 
-# Used when --model is not given.
-DEFAULT_MODEL = "vit_b"
+# Used when --model is not given: the small built-in model, so every command runs offline.
+DEFAULT_MODEL = "nano"
+NANO_NOTICE = (
+    "using the small built-in model 'nano' (2.9 MB, trained by anyseg on synthetic shapes; a demo, not "
+    "for real photographs): pass --model vit_b, vit_l, vit_h, vit_t or a checkpoint file for real images"
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True) -> None:
     parser.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
-        help="checkpoint file (.pth/.pt/.safetensors) or a registered name: vit_b, vit_l, vit_h, vit_t "
-             "(downloaded once into $ANYSEG_HOME, default ~/.cache/anyseg)",
+        help="checkpoint file (.pth/.pt/.safetensors) or a name: nano (the small built-in demo model, the "
+             "default) or vit_b, vit_l, vit_h, vit_t (the public SAM checkpoints, downloaded once into "
+             "$ANYSEG_HOME, default ~/.cache/anyseg)",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
     if not speed:
@@ -30,6 +35,10 @@ def load_model_from_args(args: argparse.Namespace):
     from ..checkpoint import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(args.model).strip().lower() == "nano":
+        import sys
+
+        print(f"anyseg: {NANO_NOTICE}", file=sys.stderr)
     return load_model(args.model, device=device, speed=getattr(args, "speed", None))
 
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     summary = trainer.fit()
     last = summary["last"] or {}
     print(f"trained {summary['step']}/{summary['steps']} steps; last loss {last.get('loss', float('nan')):.4f}, "
-          f"train IoU after 11 iterations {last.get('last_iou', float('nan')):.3f}", file=sys.stderr)
+          f"train IoU after the last iteration {last.get('last_iou', float('nan')):.3f}", file=sys.stderr)
     if summary["exported"]:
         print(f"model: {summary['exported']}")
     return 0
