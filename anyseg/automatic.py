@@ -355,14 +355,24 @@ class MaskGenerator:
         return _Proposals.cat(parts)
 
     def _process_chunk(self, low_res: torch.Tensor, iou: torch.Tensor, points: torch.Tensor,
-                       crop_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int]) -> _Proposals:
-        """Upscale ``M x 256 x 256`` low-res logits to the crop, filter, and run-length encode them."""
+                       crop_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int], *,
+                       upscale=None, encode_rle=rle_counts) -> _Proposals:
+        """Upscale ``M x 256 x 256`` low-res logits to the crop, filter, and run-length encode them.
+
+        ``upscale`` (low-res logits -> crop-size logits) and ``encode_rle`` (full-image masks -> run
+        lengths) default to the reference steps; fast paths pass equivalent replacements.
+        """
         model = self.model
-        logits = model.postprocess_masks(low_res[:, None], self.predictor.input_size, crop_size)[:, 0]
-        stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset).cpu()
+        if upscale is None:
+            logits = model.postprocess_masks(low_res[:, None], self.predictor.input_size, crop_size)[:, 0]
+        else:
+            logits = upscale(low_res)
+        stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:
             keep = (stability >= self.stability_score_thresh).nonzero().flatten()
-            logits, iou, points, stability = logits[keep.to(logits.device)], iou[keep], points[keep], stability[keep]
+            keep_cpu = keep.cpu()
+            logits, iou, points, stability = logits[keep], iou[keep_cpu], points[keep_cpu], stability[keep]
+        stability = stability.cpu()
 
         masks = logits > model.mask_threshold
         del logits
@@ -374,7 +384,7 @@ class MaskGenerator:
             masks, boxes, iou, points, stability = (
                 masks[idx.to(masks.device)], boxes[idx], iou[idx], points[idx], stability[idx]
             )
-        rles = rle_counts(uncrop_masks(masks, crop_box, orig_h, orig_w))
+        rles = encode_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
         return _Proposals(
             rles=rles,
             boxes=boxes,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..geometry import coords_to_model_torch
-from ..masks import batched_mask_to_box, calculate_stability_score, is_box_near_crop_edge, rle_counts, uncrop_masks
+from ..masks import rle_counts
 from ..speed import decoder_autocast, get_config
 from .resize import get_resizer
 
@@ -43,7 +43,7 @@ def rle_counts_on_device(masks: torch.Tensor) -> List[np.ndarray]:
         counts = np.diff(np.concatenate(([0], starts[i], [h * w])))
         if first_set[i]:
             counts = np.concatenate(([0], counts))
-        out.append(counts.astype(np.int64, copy=False))
+        out.append(counts.astype(np.uint32 if h * w < 2**32 else np.int64))
     return out
 
 
@@ -117,38 +117,12 @@ def process_batch(gen, points: np.ndarray, crop_size: Tuple[int, int], crop_box:
 
 def _process_chunk(gen, low_res: torch.Tensor, iou: torch.Tensor, points: torch.Tensor, crop_size: Tuple[int, int],
                    crop_box: List[int], orig_size: Tuple[int, int]):
-    from ..automatic import _Proposals
-
+    """The generator's own chunk step, with the banded resize and on-device run lengths when enabled."""
     model = gen.model
     config = get_config(model)
+    upscale = None
     if config.fast_postprocess:
-        resizer = get_resizer(low_res.shape[-1], model.img_size, gen.predictor.input_size, crop_size)
-        logits = resizer(low_res)
-    else:
-        logits = model.postprocess_masks(low_res[:, None], gen.predictor.input_size, crop_size)[:, 0]
-    stability = calculate_stability_score(logits, model.mask_threshold, gen.stability_score_offset)
-    if gen.stability_score_thresh > 0.0:
-        keep = (stability >= gen.stability_score_thresh).nonzero().flatten()
-        keep_cpu = keep.cpu()
-        logits, iou, points, stability = logits[keep], iou[keep_cpu], points[keep_cpu], stability[keep]
-    stability = stability.cpu()
-    masks = logits > model.mask_threshold
-    del logits
-    boxes = batched_mask_to_box(masks).cpu()
-    orig_h, orig_w = orig_size
-    keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
-    if not torch.all(keep):
-        idx = keep.nonzero().flatten()
-        masks, boxes, iou, points, stability = (
-            masks[idx.to(masks.device)], boxes[idx], iou[idx], points[idx], stability[idx]
-        )
-    full = uncrop_masks(masks, crop_box, orig_h, orig_w)
-    rles = rle_counts_on_device(full) if config.amg_device_masks else rle_counts(full)
-    return _Proposals(
-        rles=rles,
-        boxes=boxes,
-        iou_preds=iou,
-        points=points,
-        stability=stability,
-        crop_boxes=torch.tensor([list(crop_box)], dtype=torch.int64).expand(len(rles), 4),
-    )
+        upscale = get_resizer(low_res.shape[-1], model.img_size, gen.predictor.input_size, crop_size)
+    encode_rle = rle_counts_on_device if config.amg_device_masks else rle_counts
+    return gen._process_chunk(low_res, iou, points, crop_size, crop_box, orig_size, upscale=upscale,
+                              encode_rle=encode_rle)
