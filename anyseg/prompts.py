@@ -31,10 +31,11 @@ def check_points(point_coords, point_labels) -> Tuple[Optional[np.ndarray], Opti
     """Validate ``N x 2`` XY points and ``N`` labels in {0, 1} -> (float64 coords, int64 labels)."""
     if point_coords is None and point_labels is None:
         return None, None
+    together = "point_coords and point_labels must be given together"
     if point_coords is None:
-        raise ValueError("point_labels were given without point_coords")
+        raise ValueError(f"point_labels were given without point_coords ({together})")
     if point_labels is None:
-        raise ValueError("point_coords must come with point_labels (1 = foreground, 0 = background)")
+        raise ValueError(f"point_coords must come with point_labels: 1 = foreground, 0 = background ({together})")
     coords = float_rows(point_coords, "point_coords", 2)
     labels = np.asarray(point_labels)
     if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:

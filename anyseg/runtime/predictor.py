@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..geometry import boxes_to_model, coords_to_model, resized_shape
 from ..imageio import load_image
-from ..prompts import ImageNotSetError, check_mask_input, float_rows
+from ..prompts import ImageNotSetError, check_boxes, check_mask_input, check_points
 from .graphs import KIND_DECODER, KIND_ENCODER, GraphSession, open_graph
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -115,24 +115,10 @@ class OnnxPredictor:
         point (0, 0) with label -1. No points and no box give ``N = 0``.
         """
         self._require_image()
-        coords = labels = None
-        if point_coords is not None or point_labels is not None:
-            if point_coords is None or point_labels is None:
-                raise ValueError("point_coords and point_labels must be given together "
-                                 "(labels: 1 = foreground, 0 = background)")
-            coords = float_rows(point_coords, "point_coords", 2)
-            labels = np.asarray(point_labels)
-            if labels.ndim != 1 or labels.shape[0] != coords.shape[0]:
-                raise ValueError(f"expected {coords.shape[0]} point_labels (one per point), got shape {labels.shape}")
-            if labels.size and not np.isin(labels, (0, 1)).all():
-                raise ValueError(f"point_labels must be 0 (background) or 1 (foreground), got {labels.tolist()}")
-        boxes = None
-        if box is not None:
-            boxes = float_rows(box, "box", 4)
-            if boxes.shape[0] != 1:
-                raise ValueError(f"predict takes one box, got {boxes.shape[0]}")
-            if boxes[0, 2] < boxes[0, 0] or boxes[0, 3] < boxes[0, 1]:
-                raise ValueError(f"box must be X0,Y0,X1,Y1 with X1 >= X0 and Y1 >= Y0, got {boxes[0].tolist()}")
+        coords, labels = check_points(point_coords, point_labels)
+        boxes = check_boxes(box)
+        if boxes is not None and boxes.shape[0] != 1:
+            raise ValueError(f"predict takes one box, got {boxes.shape[0]}")
         parts, part_labels = [], []
         if coords is not None:
             parts.append(coords_to_model(coords, self.original_size, self.img_size))
