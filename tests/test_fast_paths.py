@@ -54,7 +54,8 @@ def test_apply_sets_switches_and_faithful_restores():
 # ------------------------------------------------------------------------------------ components
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_fast_decoder_matches_mask_decoder(multimask, with_mask):
+@pytest.mark.parametrize("chunk", [2, 16])  # upscaled in pieces / in one piece
+def test_fast_decoder_matches_mask_decoder(multimask, with_mask, chunk):
     torch.manual_seed(0)
     dec = MaskDecoder(MaskDecoderConfig()).eval()
     for p in dec.parameters():  # non-trivial weights
@@ -66,11 +67,31 @@ def test_fast_decoder_matches_mask_decoder(multimask, with_mask):
     dense = torch.randn(3, 256, 16, 16) if with_mask else no_mask.view(1, -1, 1, 1).expand(3, -1, 16, 16)
     with torch.inference_mode():
         want_masks, want_iou = dec(emb, pe, sparse, dense, multimask)
-        fast = FastDecoder(dec, pe, no_mask, upscale_chunk=2)
+        fast = FastDecoder(dec, pe, no_mask, upscale_chunk=chunk)
         got_masks, got_iou = fast(sparse, dense if with_mask else None, multimask, embedding=emb)
     assert got_masks.shape == want_masks.shape and got_iou.shape == want_iou.shape
     scale = want_masks.abs().max().item()
     assert (got_masks - want_masks).abs().max().item() <= 1e-4 * max(1.0, scale)
+    assert (got_iou - want_iou).abs().max().item() <= 1e-4
+
+
+def test_fast_decoder_without_projections_needs_a_mask_prompt():
+    """``set_image(project=False)`` (the single-call form of ONNX export) skips the per-image
+    projections: decoding with a dense prompt matches, decoding without one is refused."""
+    torch.manual_seed(1)
+    dec = MaskDecoder(MaskDecoderConfig()).eval()
+    emb, pe, no_mask = torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8), torch.randn(1, 256)
+    sparse = torch.randn(2, 3, 256)
+    dense = no_mask.view(1, -1, 1, 1).expand(2, -1, 8, 8)
+    with torch.inference_mode():
+        want_masks, want_iou = dec(emb, pe, sparse, dense, True)
+        fast = FastDecoder(dec, pe, no_mask)
+        cache = fast.set_image(emb, project=False)
+        assert cache.kh0 is None and cache.qh0 is None
+        got_masks, got_iou = fast(sparse, dense, True)
+        with pytest.raises(ValueError, match="project=True"):
+            fast(sparse, None, True)
+    assert (got_masks - want_masks).abs().max().item() <= 1e-4 * max(1.0, want_masks.abs().max().item())
     assert (got_iou - want_iou).abs().max().item() <= 1e-4
 
 

@@ -99,7 +99,8 @@ def setup(request, manifest, golden_dir, images_dir, tmp_path_factory):
     name = request.param
     model = anyseg.load_model(golden_dir / manifest[name]["checkpoint"], device="cpu")
     out = tmp_path_factory.mktemp(f"onnx_{name}")
-    paths = {"decoder": export_decoder(model, out / "decoder.onnx")}
+    paths = {"decoder": export_decoder(model, out / "decoder.onnx"),
+             "decoder_fast": export_decoder(model, out / "decoder-fast.onnx", fast=True)}
     # vit_small goes through the external-data path that ViT-L/H need, mobilesam through the plain one.
     paths["encoder"] = export_encoder(model, out / "encoder.onnx", external_data=(name == "vit_small"))
     paths["decoder_int8"] = quantize(paths["decoder"], out / "decoder.int8.onnx")
@@ -136,9 +137,11 @@ def onnx_decoder(setup, key: str, size_key: str) -> OnnxPredictor:
 
 
 @pytest.mark.parametrize("size_key", ["landscape", "portrait", "tiny"])
-def test_decoder_matches_torch(setup, manifest, size_key):
+@pytest.mark.parametrize("graph", ["decoder", "decoder_fast"])
+def test_decoder_matches_torch(setup, manifest, size_key, graph):
+    """The faithful graph and the fast one (reordered float32 arithmetic) against the torch path."""
     torch_pred = setup["predictors"][size_key]
-    pred = onnx_decoder(setup, "decoder", size_key)
+    pred = onnx_decoder(setup, graph, size_key)
     assert pred.input_size == tuple(torch_pred.input_size)
     worst = {"logits": 0.0, "low_res": 0.0, "iou": 0.0, "mask_iou": 1.0}
     for name, kw, (want_logits, want_scores, want_low) in torch_results(setup, manifest, size_key):
@@ -149,7 +152,7 @@ def test_decoder_matches_torch(setup, manifest, size_key):
         worst["iou"] = max(worst["iou"], float(np.abs(scores - want_scores).max()))
         for got, want in zip(logits > 0, want_logits > 0):
             worst["mask_iou"] = min(worst["mask_iou"], mask_iou(got, want))
-    print(f"{setup['name']} {size_key}: {worst}")
+    print(f"{setup['name']} {graph} {size_key}: {worst}")
     assert worst["logits"] <= 1e-3 and worst["low_res"] <= 1e-3, worst
     assert worst["iou"] <= 1e-3, worst
     assert worst["mask_iou"] >= 0.999, worst
@@ -162,6 +165,14 @@ def test_decoder_graph_interface(setup):
     assert [o.name for o in sess.get_outputs()] == ["masks", "iou_predictions", "low_res_masks"]
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["anyseg.kind"] == "sam_decoder" and meta["anyseg.opset"] == "17"
+    assert meta["anyseg.fast"] == "0"
+    fast = ort.InferenceSession(str(setup["paths"]["decoder_fast"]), providers=CPU)
+    assert [i.name for i in fast.get_inputs()] == [i.name for i in sess.get_inputs()]
+    assert [o.name for o in fast.get_outputs()] == [o.name for o in sess.get_outputs()]
+    assert fast.get_modelmeta().custom_metadata_map["anyseg.fast"] == "1"
+    # In the fast graph the transposed convolutions run as matrix products.
+    fast_ops = {n.op_type for n in onnx.load(str(setup["paths"]["decoder_fast"])).graph.node}
+    assert "ConvTranspose" not in fast_ops
     graph = onnx.load(str(setup["paths"]["decoder"]))
     assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {17}
 
@@ -275,12 +286,13 @@ def test_cli_export(golden_dir, manifest, tmp_path, capsys):
     ckpt = str(golden_dir / manifest["mobilesam"]["checkpoint"])
     dec = tmp_path / "out" / "dec.onnx"
     assert main(["export", "--model", ckpt, "--decoder", str(dec), "--opset", "16", "--return-single-mask",
-                 "--use-stability-score", "--quantize"]) == 0
+                 "--use-stability-score", "--quantize", "--fast-decoder"]) == 0
     assert "dec.int8.onnx" in capsys.readouterr().err
     for path in (dec, dec.with_name("dec.int8.onnx")):
         meta = ort.InferenceSession(str(path), providers=CPU).get_modelmeta().custom_metadata_map
         assert meta["anyseg.opset"] == "16" and meta["anyseg.return_single_mask"] == "1"
         assert meta["anyseg.use_stability_score"] == "1" and meta["anyseg.num_masks"] == "1"
+        assert meta["anyseg.fast"] == "1"
     assert ort.InferenceSession(str(dec), providers=CPU).get_modelmeta().custom_metadata_map.get(
         "anyseg.quantized") is None
     assert main(["export", "--model", ckpt, "--decoder", str(tmp_path / "x.onnx"), "--opset", "9"]) == 2

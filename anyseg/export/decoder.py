@@ -75,10 +75,14 @@ class SamOnnxDecoder(nn.Module):
         gelu_approximate: use the tanh approximation of GELU (faster on some runtimes, tiny
             numerical differences).
         stability_score_offset: the threshold offset of the stability score.
+        fast: compute the decoder with :class:`anyseg.fast.decoder.FastDecoder`'s reordered float32
+            arithmetic (attention without projecting the 4096 image tokens, transposed convolutions
+            as matrix products): the same function to float32 rounding, with less work per click
+            (``benchmarks/bench_browser.py`` times both graphs).
     """
 
     def __init__(self, model, *, return_single_mask: bool = False, use_stability_score: bool = False,
-                 gelu_approximate: bool = False, stability_score_offset: float = 1.0) -> None:
+                 gelu_approximate: bool = False, stability_score_offset: float = 1.0, fast: bool = False) -> None:
         super().__init__()
         self.prompt_encoder = _plain_copy(model.prompt_encoder, gelu_approximate)
         self.mask_decoder = _plain_copy(model.mask_decoder, gelu_approximate)
@@ -88,6 +92,12 @@ class SamOnnxDecoder(nn.Module):
         self.use_stability_score = use_stability_score
         self.stability_score_offset = float(stability_score_offset)
         self.register_buffer("dense_pe", self.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+        self.fast = bool(fast)
+        if self.fast:
+            # The positional encoding as 1 x N x C tokens, a persistent buffer so that the graph stores
+            # it once as an initializer (computed from dense_pe, it is folded into a constant copy
+            # for each of its three consumers: 8 MB more).
+            self.register_buffer("pe_tokens", self.dense_pe.flatten(2).transpose(1, 2).contiguous())
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pe = self.prompt_encoder
@@ -103,6 +113,18 @@ class SamOnnxDecoder(nn.Module):
         pe = self.prompt_encoder
         dense = has_mask_input * pe.mask_downscaling(mask_input)
         return dense + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+    def _fast_predict(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        from ..fast.decoder import FastDecoder
+
+        dec = self.mask_decoder
+        # The dense embedding always enters as a prompt (no per-image cache in a single-call graph).
+        fast = FastDecoder(dec, self.dense_pe, self.prompt_encoder.no_mask_embed.weight)
+        fast.set_image(image_embeddings, project=False).pe = self.pe_tokens
+        dense = dense.expand(image_embeddings.shape[0], -1, image_embeddings.shape[2], image_embeddings.shape[3])
+        iou, mask_tokens, image_tokens = fast.tokens(sparse, dense)
+        masks = fast.masks(mask_tokens, image_tokens, range(dec.num_mask_tokens))
+        return masks, iou
 
     def _stability(self, masks: torch.Tensor) -> torch.Tensor:
         high = (masks > self.mask_threshold + self.stability_score_offset).float().sum((-1, -2))
@@ -134,7 +156,10 @@ class SamOnnxDecoder(nn.Module):
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor):
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_mask(mask_input, has_mask_input)
-        masks, scores = self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
+        if self.fast:
+            masks, scores = self._fast_predict(image_embeddings, sparse, dense)
+        else:
+            masks, scores = self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
         if self.use_stability_score:
             scores = self._stability(masks)
         if self.return_single_mask:
@@ -160,7 +185,7 @@ def example_decoder_inputs(model, num_points: int = 3, orig_size=(534.0, 800.0))
 
 
 def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask: bool = False,
-                   gelu_approximate: bool = False, use_stability_score: bool = False) -> Path:
+                   gelu_approximate: bool = False, use_stability_score: bool = False, fast: bool = False) -> Path:
     """Export the prompt encoder + mask decoder of ``model`` to the ONNX file ``path``.
 
     Inputs / outputs are those of the module docstring (the names of the reference SAM ONNX
@@ -169,7 +194,8 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
     """
     check_opset(opset)
     wrapper = SamOnnxDecoder(model, return_single_mask=return_single_mask,
-                             use_stability_score=use_stability_score, gelu_approximate=gelu_approximate)
+                             use_stability_score=use_stability_score, gelu_approximate=gelu_approximate,
+                             fast=fast)
     dynamic_axes = {
         "point_coords": {1: "num_points"},
         "point_labels": {1: "num_points"},
@@ -184,6 +210,7 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
         "anyseg.return_single_mask": str(int(return_single_mask)),
         "anyseg.use_stability_score": str(int(use_stability_score)),
         "anyseg.gelu_approximate": str(int(gelu_approximate)),
+        "anyseg.fast": str(int(fast)),
         "anyseg.num_masks": "1" if return_single_mask else str(wrapper.mask_decoder.num_mask_tokens),
     }
     with torch.no_grad():

@@ -114,9 +114,9 @@ class ImageCache:
     pe: torch.Tensor
     keys: torch.Tensor
     keys_pe: torch.Tensor
-    kh0: torch.Tensor
-    vh0: torch.Tensor
-    qh0: torch.Tensor
+    kh0: Optional[torch.Tensor]
+    vh0: Optional[torch.Tensor]
+    qh0: Optional[torch.Tensor]
 
 
 class FastDecoder:
@@ -138,19 +138,26 @@ class FastDecoder:
         self.cache: Optional[ImageCache] = None
 
     # ------------------------------------------------------------------------------------ per image
-    def set_image(self, embedding: torch.Tensor) -> ImageCache:
-        """Precompute the prompt-independent work for a ``1 x C x h x w`` embedding."""
+    def set_image(self, embedding: torch.Tensor, project: bool = True) -> ImageCache:
+        """Precompute the prompt-independent work for a ``1 x C x h x w`` embedding.
+
+        With ``project=False`` the first-block projections are skipped (``kh0``, ``vh0``, ``qh0`` stay
+        None): enough for decoding with a mask prompt (``dense`` given), which never uses them. This is
+        how a single-call graph (ONNX export) uses the decoder.
+        """
         if embedding.ndim != 4 or embedding.shape[0] != 1:
             raise ValueError(f"expected a 1 x C x h x w image embedding, got shape {tuple(embedding.shape)}")
         _, c, h, w = embedding.shape
         pe = self.image_pe.to(embedding.dtype).flatten(2).transpose(1, 2)
         keys = embedding.flatten(2).transpose(1, 2) + self.no_mask_embed.to(embedding.dtype).view(1, 1, c)
         keys_pe = keys + pe
-        block: TwoWayAttentionBlock = self.decoder.transformer.layers[0]
-        t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
-        kh0 = _split_heads(t2i.k_proj(keys_pe), t2i.num_heads)
-        vh0 = _split_heads(t2i.v_proj(keys), t2i.num_heads)
-        qh0 = _split_heads(i2t.q_proj(keys_pe), i2t.num_heads)
+        kh0 = vh0 = qh0 = None
+        if project:
+            block: TwoWayAttentionBlock = self.decoder.transformer.layers[0]
+            t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+            kh0 = _split_heads(t2i.k_proj(keys_pe), t2i.num_heads)
+            vh0 = _split_heads(t2i.v_proj(keys), t2i.num_heads)
+            qh0 = _split_heads(i2t.q_proj(keys_pe), i2t.num_heads)
         self.cache = ImageCache(embedding, (h, w), pe, keys.contiguous(), keys_pe.contiguous(), kh0, vh0, qh0)
         return self.cache
 
@@ -190,6 +197,8 @@ class FastDecoder:
             queries = layer.norm1(queries)
             q = queries + tokens
             shared = i == 0 and dense is None
+            if shared and cache.kh0 is None:
+                raise ValueError("decoding without a mask prompt needs set_image(embedding, project=True)")
             if shared:
                 attn_out = _token_to_image_cached(layer.cross_attn_token_to_image, q, cache.kh0, cache.vh0)
             else:
@@ -225,7 +234,7 @@ class FastDecoder:
         b = mask_tokens.shape[0]
         which = list(which)
         hyper = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in which], dim=1)
-        up1, ln, _, up2, _ = dec.output_upscaling
+        up1, ln, act1, up2, act2 = dec.output_upscaling
         c = up1.in_channels
         c4, c8 = up1.out_channels, up2.out_channels
         # ConvTranspose2d weight: in x out x 2 x 2 -> in x (a, b, out).
@@ -233,19 +242,24 @@ class FastDecoder:
         b1 = up1.bias.repeat(4)
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
         b2 = up2.bias.repeat(4)
+        def upscale(tokens: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+            n = tokens.shape[0]
+            x = torch.addmm(b1, tokens.reshape(-1, c), w1)  # (n N) x (a b c4)
+            x = F.layer_norm(x.view(-1, c4), (c4,), ln.weight, ln.bias, ln.eps)
+            x = act1(x)
+            x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
+            x = x.view(n, h * w * 16, c8)
+            m = torch.bmm(x, hyper.transpose(1, 2))  # n x (i j a b a2 b2) x k
+            m = m.view(n, h, w, 2, 2, 2, 2, len(which))
+            # rows 4i + 2a + a2, columns 4j + 2b + b2
+            return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, len(which), 4 * h, 4 * w)
+
+        if b <= self.upscale_chunk:  # one piece (also the traceable form used by ONNX export)
+            return upscale(image_tokens, hyper)
         out = image_tokens.new_empty((b, len(which), 4 * h, 4 * w))
         for start in range(0, b, self.upscale_chunk):
             sl = slice(start, start + self.upscale_chunk)
-            x = torch.addmm(b1, image_tokens[sl].reshape(-1, c), w1)  # (n N) x (a b c4)
-            x = F.layer_norm(x.view(-1, c4), (c4,), ln.weight, ln.bias, ln.eps)
-            x = F.gelu(x)
-            x = F.gelu(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
-            n = x.shape[0] // (h * w * 4)
-            x = x.view(n, h * w * 16, c8)
-            m = torch.bmm(x, hyper[sl].transpose(1, 2))  # n x (i j a b a2 b2) x k
-            m = m.view(n, h, w, 2, 2, 2, 2, len(which))
-            # rows 4i + 2a + a2, columns 4j + 2b + b2
-            out[sl] = m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, len(which), 4 * h, 4 * w)
+            out[sl] = upscale(image_tokens[sl], hyper[sl])
         return out
 
     def __call__(self, sparse: torch.Tensor, dense: Optional[torch.Tensor], multimask_output: bool,
