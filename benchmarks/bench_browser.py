@@ -1,0 +1,196 @@
+"""In-browser decoder latency: the exported decoder graph run by onnxruntime-web in headless Chromium.
+
+Exports the decoder of a checkpoint twice -- the faithful graph and the fast one
+(``export_decoder(fast=True)``, the graph the labelling app loads) -- serves them with the page's
+onnxruntime-web files from a local HTTP server that sends the cross-origin-isolation headers
+(WebAssembly threads need them), and times ``session.run`` in the page for one click (a foreground
+point plus the padding point, no mask input, masks upscaled to the image size) with 1 and 2 threads.
+Native onnxruntime (Python) on the same graphs is timed alongside for comparison.
+
+Prints a table (median and best of the repeats, milliseconds). Timings are wall-clock on whatever else
+the machine is doing; run it on an idle machine for clean numbers.
+
+Needs the browser test set-up: ``make install-test`` (Playwright, Debian's chromium, and the
+onnxruntime-web files copied by ``make web``).
+
+usage:
+  ANYSEG_SHARED=../shared python benchmarks/bench_browser.py [--checkpoint PATH] [--size 534x800]
+      [--repeats 20] [--threads 1,2] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ORT_DIR = REPO / "anyseg" / "server" / "static" / "ort"
+CHROMIUM = os.environ.get("ANYSEG_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+PAGE = "<!doctype html><meta charset='utf-8'><title>decoder benchmark</title><p>decoder benchmark</p>"
+
+# Runs in the page: load onnxruntime-web with `threads` threads, then time each graph.
+BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim}) => {
+  const ort = await import('./ort/ort.wasm.min.mjs');
+  ort.env.wasm.wasmPaths = new URL('./ort/', location.href).href;
+  ort.env.wasm.numThreads = threads;
+  let seed = 1;
+  const rand = () => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed / 2147483648; };
+  const emb = new Float32Array(dim * grid * grid);
+  for (let i = 0; i < emb.length; i++) emb[i] = 2 * rand() - 1;
+  const scale = side / Math.max(height, width);
+  const results = {isolated: self.crossOriginIsolated, graphs: {}};
+  for (const name of graphs) {
+    const bytes = await (await fetch(name)).arrayBuffer();
+    const session = await ort.InferenceSession.create(bytes, {executionProviders: ['wasm']});
+    const times = [];
+    for (let r = 0; r < repeats + 3; r++) {
+      const feeds = {
+        image_embeddings: new ort.Tensor('float32', emb, [1, dim, grid, grid]),
+        point_coords: new ort.Tensor('float32', Float32Array.from([rand() * width * scale, rand() * height * scale, 0, 0]), [1, 2, 2]),
+        point_labels: new ort.Tensor('float32', Float32Array.from([1, -1]), [1, 2]),
+        mask_input: new ort.Tensor('float32', new Float32Array(4 * grid * 4 * grid), [1, 1, 4 * grid, 4 * grid]),
+        has_mask_input: new ort.Tensor('float32', Float32Array.from([0]), [1]),
+        orig_im_size: new ort.Tensor('float32', Float32Array.from([height, width]), [2]),
+      };
+      const t0 = performance.now();
+      const out = await session.run(feeds);
+      const ms = performance.now() - t0;
+      if (out.masks.dims[2] !== height || out.masks.dims[3] !== width) throw new Error('unexpected mask size');
+      if (r >= 3) times.push(ms);  // the first runs warm up
+    }
+    await session.release();
+    results.graphs[name] = times;
+  }
+  return results;
+}"""
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def end_headers(self):
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, *args):  # keep the table readable
+        pass
+
+
+def _native(path: Path, threads: int, repeats: int, height: int, width: int, side: int, grid: int, dim: int):
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    emb = rng.uniform(-1, 1, (1, dim, grid, grid)).astype(np.float32)
+    scale = side / max(height, width)
+    times = []
+    for r in range(repeats + 3):
+        feeds = {
+            "image_embeddings": emb,
+            "point_coords": np.array([[[rng.uniform(0, width * scale), rng.uniform(0, height * scale)], [0, 0]]],
+                                     np.float32),
+            "point_labels": np.array([[1, -1]], np.float32),
+            "mask_input": np.zeros((1, 1, 4 * grid, 4 * grid), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array([height, width], np.float32),
+        }
+        start = time.perf_counter()
+        session.run(None, feeds)
+        if r >= 3:
+            times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def main(argv=None) -> int:
+    shared = Path(os.environ.get("ANYSEG_SHARED", REPO.parent / "shared"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(shared / "golden" / "mobilesam_checkpoint.pth"))
+    parser.add_argument("--size", default="534x800", help="original image size HxW (default: 534x800)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", default="1,2", help="comma-separated WebAssembly thread counts")
+    parser.add_argument("--workdir", default=None, help="where to write the graphs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    try:
+        height, width = (int(v) for v in args.size.lower().split("x"))
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error("--size must look like 534x800 and --threads like 1,2")
+    if not (ORT_DIR / "ort.wasm.min.mjs").is_file():
+        print(f"onnxruntime-web is missing from {ORT_DIR}: run `make web` (or `make install-test`)", file=sys.stderr)
+        return 2
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        print(f"Chromium not found at {CHROMIUM} (set ANYSEG_CHROMIUM or run `make install-test`)", file=sys.stderr)
+        return 2
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("Playwright is not installed: pip install playwright (or `make install-test`)", file=sys.stderr)
+        return 2
+
+    import torch
+
+    import anyseg
+    from anyseg.export import export_decoder
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="anyseg-bench-browser-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ORT_DIR, work / "ort", dirs_exist_ok=True)
+    (work / "index.html").write_text(PAGE, encoding="utf-8")
+    model = anyseg.load_model(args.checkpoint, device="cpu")
+    graphs = {"faithful": "decoder.onnx", "fast": "decoder-fast.onnx"}
+    with torch.no_grad():
+        export_decoder(model, work / graphs["faithful"])
+        export_decoder(model, work / graphs["fast"], fast=True)
+    dims = dict(height=height, width=width, side=int(model.img_size), grid=int(model.config.embedding_size),
+                dim=int(model.prompt_encoder.embed_dim))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(work)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
+    rows = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+            for threads in thread_counts:
+                page = browser.new_page()  # a fresh page per thread count: the wasm runtime starts once per page
+                page.goto(url)
+                result = page.evaluate(BENCH_JS, dict(graphs=list(graphs.values()), threads=threads,
+                                                      repeats=args.repeats, **dims))
+                if threads > 1 and not result["isolated"]:
+                    print("warning: the page is not cross-origin isolated, so WebAssembly ran single-threaded",
+                          file=sys.stderr)
+                for kind, name in graphs.items():
+                    rows.append(("onnxruntime-web (wasm)", kind, threads, result["graphs"][name]))
+                page.close()
+            browser.close()
+    finally:
+        server.shutdown()
+    for threads in thread_counts:
+        for kind, name in graphs.items():
+            rows.append(("onnxruntime (native)", kind, threads, _native(work / name, threads, args.repeats, **dims)))
+
+    print(f"\ndecoder, one click, masks at {height}x{width}: {Path(args.checkpoint).name}, "
+          f"{args.repeats} repeats, {os.cpu_count()} CPUs")
+    print(f"{'runtime':<24} {'graph':<9} {'threads':>7} {'median ms':>10} {'best ms':>8}")
+    for runtime, kind, threads, times in rows:
+        print(f"{runtime:<24} {kind:<9} {threads:>7} {statistics.median(times):>10.1f} {min(times):>8.1f}")
+    print(f"\ngraphs: {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
