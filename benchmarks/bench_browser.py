@@ -1,11 +1,17 @@
 """In-browser decoder latency: the exported decoder graph run by onnxruntime-web in headless Chromium.
 
-Exports the decoder of a checkpoint twice -- the faithful graph and the fast one
-(``export_decoder(fast=True)``, the graph the labelling app loads) -- serves them with the page's
-onnxruntime-web files from a local HTTP server that sends the cross-origin-isolation headers
-(WebAssembly threads need them), and times ``session.run`` in the page for one click (a foreground
-point plus the padding point, no mask input, masks upscaled to the image size) with 1 and 2 threads.
-Native onnxruntime (Python) on the same graphs is timed alongside for comparison.
+Exports the decoder of a checkpoint three ways and times one click (a foreground point plus the
+padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
+
+  faithful   ``export_decoder(model)``: the reference computation, all 4 masks upscaled in the graph;
+  fast       ``export_decoder(model, fast=True)``: the same function with the fast decoder arithmetic;
+  fast+js    ``export_decoder(model, fast=True, upscale_masks=False)``, the graph the labelling app
+             loads: low-res logits from the graph, the 3 candidates upscaled by the app's own
+             JavaScript (``static/masks.js``), included in the time.
+
+The graphs are served with the page's onnxruntime-web files from a local HTTP server that sends the
+cross-origin-isolation headers (WebAssembly threads need them). Native onnxruntime (Python) on the
+same graphs is timed alongside (graph only).
 
 Prints a table (median and best of the repeats, milliseconds). Timings are wall-clock on whatever else
 the machine is doing; run it on an idle machine for clean numbers.
@@ -42,6 +48,7 @@ PAGE = "<!doctype html><meta charset='utf-8'><title>decoder benchmark</title><p>
 # Runs in the page: load onnxruntime-web with `threads` threads, then time each graph.
 BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim}) => {
   const ort = await import('./ort/ort.wasm.min.mjs');
+  const { upscaleLogits } = await import('./masks.js');
   ort.env.wasm.wasmPaths = new URL('./ort/', location.href).href;
   ort.env.wasm.numThreads = threads;
   let seed = 1;
@@ -49,6 +56,7 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
   const emb = new Float32Array(dim * grid * grid);
   for (let i = 0; i < emb.length; i++) emb[i] = 2 * rand() - 1;
   const scale = side / Math.max(height, width);
+  const inputH = Math.floor(height * scale + 0.5), inputW = Math.floor(width * scale + 0.5);
   const results = {isolated: self.crossOriginIsolated, graphs: {}};
   for (const name of graphs) {
     const bytes = await (await fetch(name)).arrayBuffer();
@@ -63,10 +71,18 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
         has_mask_input: new ort.Tensor('float32', Float32Array.from([0]), [1]),
         orig_im_size: new ort.Tensor('float32', Float32Array.from([height, width]), [2]),
       };
+      for (const key of Object.keys(feeds)) if (!session.inputNames.includes(key)) delete feeds[key];
       const t0 = performance.now();
       const out = await session.run(feeds);
+      if (out.masks) {
+        if (out.masks.dims[2] !== height || out.masks.dims[3] !== width) throw new Error('unexpected mask size');
+      } else {
+        const low = out.low_res_masks, area = 16 * grid * grid;
+        for (const k of [1, 2, 3]) {
+          upscaleLogits(low.data.subarray(k * area, (k + 1) * area), 4 * grid, side, inputH, inputW, height, width);
+        }
+      }
       const ms = performance.now() - t0;
-      if (out.masks.dims[2] !== height || out.masks.dims[3] !== width) throw new Error('unexpected mask size');
       if (r >= 3) times.push(ms);  // the first runs warm up
     }
     await session.release();
@@ -108,6 +124,8 @@ def _native(path: Path, threads: int, repeats: int, height: int, width: int, sid
             "has_mask_input": np.zeros(1, np.float32),
             "orig_im_size": np.array([height, width], np.float32),
         }
+        names = {i.name for i in session.get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in names}
         start = time.perf_counter()
         session.run(None, feeds)
         if r >= 3:
@@ -149,12 +167,14 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="anyseg-bench-browser-"))
     work.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ORT_DIR, work / "ort", dirs_exist_ok=True)
+    shutil.copy(ORT_DIR.parent / "masks.js", work / "masks.js")
     (work / "index.html").write_text(PAGE, encoding="utf-8")
     model = anyseg.load_model(args.checkpoint, device="cpu")
-    graphs = {"faithful": "decoder.onnx", "fast": "decoder-fast.onnx"}
+    graphs = {"faithful": "decoder.onnx", "fast": "decoder-fast.onnx", "fast+js": "decoder-fast-lowres.onnx"}
     with torch.no_grad():
         export_decoder(model, work / graphs["faithful"])
         export_decoder(model, work / graphs["fast"], fast=True)
+        export_decoder(model, work / graphs["fast+js"], fast=True, upscale_masks=False)
     dims = dict(height=height, width=width, side=int(model.img_size), grid=int(model.config.embedding_size),
                 dim=int(model.prompt_encoder.embed_dim))
 

@@ -112,6 +112,30 @@ def wait_decodes(pg, count: int) -> None:
     pg.wait_for_function(f"window.anyseg.decodeCount >= {count} && !window.anyseg.busy")
 
 
+def check_page_masks_match_server(pg, url) -> None:
+    """The page's candidates (decoded in the page, upscaled in JavaScript when it runs the graph
+    itself) against the server's masks for the same prompt: mask IoU >= 0.999 and scores within 1e-3."""
+    import httpx
+
+    from anyseg.masks import rle_to_mask
+
+    image_id = pg.evaluate("window.anyseg.state.image.id")
+    points = pg.evaluate("window.anyseg.state.prompt.points.map(p => [p.x, p.y])")
+    page = pg.evaluate("window.anyseg.state.result.candidates.map(c => ({score: c.score, mask: Array.from(c.mask)}))")
+    reply = httpx.post(f"{url}/api/v1/images/{image_id}/decode", timeout=60,
+                       json={"points": points, "labels": [1] * len(points), "multimask": True, "format": "rle"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    server = sorted(body["masks"], key=lambda m: -m["score"])
+    assert len(server) == len(page) == 3
+    for got, want in zip(page, server):
+        assert abs(got["score"] - want["score"]) <= 1e-3
+        want_mask = rle_to_mask(want["mask"]).astype(bool)
+        got_mask = np.array(got["mask"], bool).reshape(want_mask.shape)
+        union = np.logical_or(got_mask, want_mask).sum()
+        assert union == 0 or np.logical_and(got_mask, want_mask).sum() / union >= 0.999
+
+
 def test_label_an_object_in_the_browser(page, app_server, images_dir):
     url, app, settings = app_server
     pg = page
@@ -141,6 +165,7 @@ def test_label_an_object_in_the_browser(page, app_server, images_dir):
     assert area0 > 0 and abs(first["painted"] - area0) <= 200  # the mask's pixels, plus the drawn point
     assert "mask 1/3" in pg.inner_text("#candidate-info")
     shot(pg, "01_click")
+    check_page_masks_match_server(pg, url)
 
     # Cycle through the three candidates.
     pg.keyboard.press("Tab")

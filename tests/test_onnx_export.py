@@ -25,7 +25,7 @@ from anyseg.export import export_decoder, export_encoder, quantize  # noqa: E402
 from anyseg.geometry import resized_shape  # noqa: E402
 from anyseg.imageio import load_image  # noqa: E402
 from anyseg.masks import calculate_stability_score  # noqa: E402
-from anyseg.runtime import OnnxPredictor  # noqa: E402
+from anyseg.runtime import GraphError, OnnxPredictor  # noqa: E402
 
 MODELS = ["vit_small", "mobilesam"]
 CPU = ["CPUExecutionProvider"]
@@ -208,6 +208,23 @@ def test_decoder_options(setup, tmp_path):
         assert abs(float(score[0]) - float(stability[best])) <= 1e-3
         assert mask_iou(mask[0], all_logits[best] > 0) >= 0.999
     assert chosen[1] == 0 and chosen[0] != 0 and chosen[2] != 0
+
+    # Low-res only (the browser app's graph): the same low-res logits and scores, no upscaled masks,
+    # and OnnxPredictor refuses it with a clear message.
+    low = export_decoder(model, tmp_path / "low.onnx", fast=True, upscale_masks=False)
+    sess = ort.InferenceSession(str(low), providers=CPU)
+    assert [i.name for i in sess.get_inputs()] == ["image_embeddings", "point_coords", "point_labels",
+                                                    "mask_input", "has_mask_input"]
+    full = ort.InferenceSession(str(setup["paths"]["decoder"]), providers=CPU)
+    feeds = {"image_embeddings": torch_pred.get_image_embedding().numpy(),
+             "point_coords": np.array([[[300.0, 500.0], [0.0, 0.0]]], np.float32),
+             "point_labels": np.array([[1.0, -1.0]], np.float32),
+             "mask_input": setup["refine"][None].astype(np.float32), "has_mask_input": np.ones(1, np.float32)}
+    scores, low_res = sess.run(None, feeds)
+    _, want_scores, want_low = full.run(None, dict(feeds, orig_im_size=np.array([40.0, 25.0], np.float32)))
+    assert rel_err(low_res, want_low) <= 1e-5 and np.abs(scores - want_scores).max() <= 1e-5
+    with pytest.raises(GraphError, match="upscale_masks=False"):
+        OnnxPredictor(None, low, providers=CPU)
 
     approx = export_decoder(model, tmp_path / "approx.onnx", gelu_approximate=True)
     ops = {n.op_type for n in onnx.load(str(approx)).graph.node}

@@ -19,6 +19,8 @@ pytest.importorskip("fastapi", reason="the server extra is not installed (pip in
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'anyseg[server]')")
 httpx = pytest.importorskip("httpx", reason="the tests talk to the server with httpx (pip install httpx)")
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from anyseg.masks import coco_rle_to_mask, rle_to_mask  # noqa: E402
@@ -371,8 +373,11 @@ def test_exported_decoder_graph_matches_server_decoding(server, dog):
     if status == "unavailable" and "not available" in info["reason"]:
         pytest.skip(f"decoder export is not available in this installation: {info['reason']}")
     assert status == "ready", info
+    assert info["img_size"] == 1024 and info["mask_side"] == 256 and "orig_im_size" not in info["inputs"]
     graph = server.get(info["url"]).content
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    # The page's graph stops at the low-res logits; the page upscales the candidates itself.
+    assert [o.name for o in session.get_outputs()] == ["iou_predictions", "low_res_masks"] == list(info["outputs"])
     image = dog["info"]
     embedding = np.frombuffer(server.get(f"/api/v1/images/{image['id']}/embedding").content, "<f4").reshape(1, 256, 64, 64)
     points = np.array([[400.0, 267.0], [150.0, 100.0]])
@@ -383,16 +388,19 @@ def test_exported_decoder_graph_matches_server_decoding(server, dog):
         "point_labels": np.array([[1, 0, -1]], np.float32),
         "mask_input": np.zeros((1, 1, 256, 256), np.float32),
         "has_mask_input": np.zeros(1, np.float32),
-        "orig_im_size": np.array([image["height"], image["width"]], np.float32),
     }
-    masks, scores, _ = session.run(None, feeds)
+    scores, low_res = session.run(None, feeds)
+    # The model's postprocessing: to 1024 x 1024, crop to the model frame, to the image size.
+    masks = F.interpolate(torch.from_numpy(low_res), size=(1024, 1024), mode="bilinear", align_corners=False)
+    masks = masks[..., : image["input_height"], : image["input_width"]]
+    masks = F.interpolate(masks, size=(image["height"], image["width"]), mode="bilinear", align_corners=False).numpy()
     picks = [1, 2, 3] if masks.shape[1] == 4 else list(range(masks.shape[1]))
     picks.sort(key=lambda k: -scores[0, k])
     served_out = server.post(f"/api/v1/images/{image['id']}/decode",
                              json={"points": points.tolist(), "labels": [1, 0], "format": "coco_rle"}).json()
     for k, got in zip(picks, served_out["masks"]):
         assert abs(float(scores[0, k]) - got["score"]) <= 1e-3
-        assert mask_iou(masks[0, k] > 0, coco_rle_to_mask(got["mask"])) >= 0.99
+        assert mask_iou(masks[0, k] > 0, coco_rle_to_mask(got["mask"])) >= 0.999
 
 
 # ------------------------------------------------------------------------------ embedding cache

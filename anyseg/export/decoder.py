@@ -23,6 +23,11 @@ Graph outputs
 
 ``k`` is 4 (the single-mask output 0 followed by the three multimask outputs 1..3), or 1 with
 ``return_single_mask``.
+
+With ``upscale_masks=False`` the graph stops at the low-res logits: its outputs are
+``iou_predictions`` and ``low_res_masks`` only and it takes no ``orig_im_size``. The caller upscales
+the masks it shows (the labelling app does so in JavaScript, for the one candidate on screen), which
+saves the two full-size resizes of all ``k`` masks per click.
 """
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ class SamOnnxDecoder(nn.Module):
         gelu_approximate: use the tanh approximation of GELU (faster on some runtimes, tiny
             numerical differences).
         stability_score_offset: the threshold offset of the stability score.
+        upscale_masks: compute the ``masks`` output (False: low-res logits only, see the module docs).
         fast: compute the decoder with :class:`anyseg.fast.decoder.FastDecoder`'s reordered float32
             arithmetic (attention without projecting the 4096 image tokens, transposed convolutions
             as matrix products): the same function to float32 rounding, with less work per click
@@ -82,8 +88,10 @@ class SamOnnxDecoder(nn.Module):
     """
 
     def __init__(self, model, *, return_single_mask: bool = False, use_stability_score: bool = False,
-                 gelu_approximate: bool = False, stability_score_offset: float = 1.0, fast: bool = False) -> None:
+                 gelu_approximate: bool = False, stability_score_offset: float = 1.0, fast: bool = False,
+                 upscale_masks: bool = True) -> None:
         super().__init__()
+        self.upscale_masks = bool(upscale_masks)
         self.prompt_encoder = _plain_copy(model.prompt_encoder, gelu_approximate)
         self.mask_decoder = _plain_copy(model.mask_decoder, gelu_approximate)
         self.img_size = int(model.img_size)
@@ -153,7 +161,7 @@ class SamOnnxDecoder(nn.Module):
         return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
 
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
-                mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor):
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: "torch.Tensor | None" = None):
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_mask(mask_input, has_mask_input)
         if self.fast:
@@ -165,6 +173,8 @@ class SamOnnxDecoder(nn.Module):
         if self.return_single_mask:
             num_tokens = torch.tensor(point_coords.shape[1], dtype=scores.dtype)
             masks, scores = self._select(masks, scores, num_tokens)
+        if not self.upscale_masks:
+            return scores, masks
         return self._postprocess(masks, orig_im_size), scores, masks
 
 
@@ -185,7 +195,8 @@ def example_decoder_inputs(model, num_points: int = 3, orig_size=(534.0, 800.0))
 
 
 def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask: bool = False,
-                   gelu_approximate: bool = False, use_stability_score: bool = False, fast: bool = False) -> Path:
+                   gelu_approximate: bool = False, use_stability_score: bool = False, fast: bool = False,
+                   upscale_masks: bool = True) -> Path:
     """Export the prompt encoder + mask decoder of ``model`` to the ONNX file ``path``.
 
     Inputs / outputs are those of the module docstring (the names of the reference SAM ONNX
@@ -195,12 +206,16 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
     check_opset(opset)
     wrapper = SamOnnxDecoder(model, return_single_mask=return_single_mask,
                              use_stability_score=use_stability_score, gelu_approximate=gelu_approximate,
-                             fast=fast)
+                             fast=fast, upscale_masks=upscale_masks)
     dynamic_axes = {
         "point_coords": {1: "num_points"},
         "point_labels": {1: "num_points"},
-        "masks": {2: "height", 3: "width"},
     }
+    inputs, outputs = DECODER_INPUTS, DECODER_OUTPUTS
+    if upscale_masks:
+        dynamic_axes["masks"] = {2: "height", 3: "width"}
+    else:
+        inputs, outputs = DECODER_INPUTS[:-1], DECODER_OUTPUTS[1:]
     metadata = {
         META_KIND: KIND_DECODER,
         META_FORMAT: FORMAT_VERSION,
@@ -211,9 +226,10 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
         "anyseg.use_stability_score": str(int(use_stability_score)),
         "anyseg.gelu_approximate": str(int(gelu_approximate)),
         "anyseg.fast": str(int(fast)),
+        "anyseg.upscale_masks": str(int(upscale_masks)),
         "anyseg.num_masks": "1" if return_single_mask else str(wrapper.mask_decoder.num_mask_tokens),
     }
     with torch.no_grad():
-        return export_graph(wrapper, example_decoder_inputs(model), path, opset=opset,
-                            input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS,
+        example = example_decoder_inputs(model)[: len(inputs)]
+        return export_graph(wrapper, example, path, opset=opset, input_names=inputs, output_names=outputs,
                             dynamic_axes=dynamic_axes, metadata=metadata, external_data=False)

@@ -105,6 +105,9 @@ def open_graph(path: Union[str, "os.PathLike[str]"], kind: str, providers: Optio
         # Encoders differ in their pre-processing; only graphs that say what they do are accepted.
         raise GraphError(f"{str(path)!r} carries no anyseg metadata: expected an image encoder written by "
                          f"'anyseg export --encoder'")
+    if kind == KIND_DECODER and metadata.get("anyseg.upscale_masks") == "0":
+        raise GraphError(f"{str(path)!r} is a decoder graph exported with upscale_masks=False (low-res logits "
+                         f"only, for the browser app); OnnxPredictor needs a graph that upscales the masks")
     expected_in = DECODER_INPUTS if kind == KIND_DECODER else ENCODER_INPUTS
     expected_out = DECODER_OUTPUTS if kind == KIND_DECODER else ENCODER_OUTPUTS
     inputs = {i.name: i for i in session.get_inputs()}

@@ -185,13 +185,16 @@ def create_app(model, settings: Optional[ServerSettings] = None):
         runtime = STATIC_DIR / "ort" / "ort.wasm.min.mjs"
         g = model.prompt_encoder.image_embedding_size
         side = model.prompt_encoder.mask_input_size[0]
+        dim = model.prompt_encoder.embed_dim
+        k = model.mask_decoder.num_mask_tokens
         return DecoderInfo(
             status=decoder.status, reason=decoder.reason, opset=DECODER_OPSET,
             url=f"{API}/decoder.onnx" if decoder.status == "ready" else None,
             runtime_url="/static/ort/ort.wasm.min.mjs" if runtime.is_file() else None,
-            inputs={"image_embeddings": f"1x256x{g[0]}x{g[1]}", "point_coords": "1xNx2 (model frame)",
-                    "point_labels": "1xN", "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1",
-                    "orig_im_size": "2 (H, W)"},
+            inputs={"image_embeddings": f"1x{dim}x{g[0]}x{g[1]}", "point_coords": "1xNx2 (model frame)",
+                    "point_labels": "1xN", "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1"},
+            outputs={"iou_predictions": f"1x{k}", "low_res_masks": f"1x{k}x{side}x{side} (upscaled by the page)"},
+            img_size=int(model.img_size), mask_side=int(side),
         )
 
     @app.get(f"{API}/decoder.onnx", tags=["browser decoder"], dependencies=auth,

@@ -160,8 +160,8 @@ class DecoderExport:
     ``status`` is ``"exporting"``, ``"ready"`` (``path`` is the file) or ``"unavailable"`` (``reason``
     says why; the page then decodes on the server). Graphs are cached on disk by a hash of the prompt
     encoder and mask decoder weights, so a restart reuses the file. The graph uses the fast decoder
-    arithmetic (``export_decoder(fast=True)``): the same masks as the faithful graph, about half the
-    work per click.
+    arithmetic and stops at the low-res logits (``export_decoder(fast=True, upscale_masks=False)``);
+    the page upscales the candidates itself (``static/masks.js``, ``upscaleLogits``).
     """
 
     def __init__(self, model, directory: Optional[Path], enabled: bool = True) -> None:
@@ -176,7 +176,7 @@ class DecoderExport:
 
             directory = cache_dir() / "onnx"
         self.directory = Path(directory)
-        self.target = self.directory / f"decoder-{_decoder_key(model)[:20]}-opset{DECODER_OPSET}-fast.onnx"
+        self.target = self.directory / f"decoder-{_decoder_key(model)[:20]}-opset{DECODER_OPSET}-fast-lowres.onnx"
         if self.target.is_file():
             self.status, self.reason, self.path = "ready", "", self.target
             return
@@ -201,7 +201,7 @@ class DecoderExport:
         tmp = self.target.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{self.target.name}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            export_decoder(snapshot, tmp, opset=DECODER_OPSET, fast=True)
+            export_decoder(snapshot, tmp, opset=DECODER_OPSET, fast=True, upscale_masks=False)
             os.replace(tmp, self.target)
             self.path = self.target
             self.status, self.reason = "ready", ""

@@ -47,6 +47,9 @@ class DecoderInfo(BaseModel):
     runtime_url: Optional[str] = Field(None, description="onnxruntime-web module served for the page, if installed")
     opset: int
     inputs: Dict[str, str] = Field(default_factory=dict, description="graph input names and shapes")
+    outputs: Dict[str, str] = Field(default_factory=dict, description="graph output names and shapes")
+    img_size: int = Field(..., description="the model's input size: long side of the model frame")
+    mask_side: int = Field(..., description="side of the low-res logits (and of mask_input)")
 
 
 class ImageInfo(BaseModel):

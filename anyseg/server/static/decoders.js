@@ -2,8 +2,10 @@
 //   decode(image, prompt, maskInput) -> [{mask: Uint8Array(H*W), score, lowRes: Float32Array(256*256)}], best first
 // OnnxDecoder runs the exported decoder graph in the page (onnxruntime-web, WebAssembly);
 // ServerDecoder asks the server. Prompts are in original-image pixels; the ONNX graph wants the
-// model frame (long side resized to the model's input size), so points are scaled here.
-import { floatsToBase64, base64ToFloats, rleToMask } from './masks.js';
+// model frame (long side resized to the model's input size), so points are scaled here. The graph
+// returns low-res logits only; the candidates are upscaled here (upscaleLogits), as the model's
+// postprocessing does it.
+import { floatsToBase64, base64ToFloats, rleToMask, upscaleLogits } from './masks.js';
 import { getArrayBuffer, getJson, postJson } from './api.js';
 
 export class ServerDecoder {
@@ -33,10 +35,12 @@ export class ServerDecoder {
 }
 
 export class OnnxDecoder {
-  constructor(ort, session) {
+  constructor(ort, session, info) {
     this.name = 'onnx';
     this.ort = ort;
     this.session = session;
+    this.imgSize = info.img_size;
+    this.side = info.mask_side;
     this.embeddings = new Map(); // image id -> ort.Tensor, most recent few
   }
 
@@ -47,7 +51,7 @@ export class OnnxDecoder {
     ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
     const graph = await getArrayBuffer(info.url);
     const session = await ort.InferenceSession.create(graph, { executionProviders: ['wasm'] });
-    return new OnnxDecoder(ort, session);
+    return new OnnxDecoder(ort, session, info);
   }
 
   async prepare(image) {
@@ -77,33 +81,26 @@ export class OnnxDecoder {
       labels.push(-1);
     }
     const n = labels.length;
-    const side = 256;
+    const side = this.side;
     const feeds = {
       image_embeddings: this.embeddings.get(image.id),
       point_coords: new Tensor('float32', Float32Array.from(coords), [1, n, 2]),
       point_labels: new Tensor('float32', Float32Array.from(labels), [1, n]),
       mask_input: new Tensor('float32', maskInput || new Float32Array(side * side), [1, 1, side, side]),
       has_mask_input: new Tensor('float32', Float32Array.from([maskInput ? 1 : 0]), [1]),
-      orig_im_size: new Tensor('float32', Float32Array.from([image.height, image.width]), [2]),
     };
-    for (const name of Object.keys(feeds)) {
-      if (!this.session.inputNames.includes(name)) delete feeds[name];
-    }
     const out = await this.session.run(feeds);
-    const masks = out.masks;
-    const k = masks.dims[1];
-    const hw = masks.dims[2] * masks.dims[3];
-    const lowSide = out.low_res_masks.dims[2] * out.low_res_masks.dims[3];
+    const low = out.low_res_masks;
+    const k = low.dims[1];
+    const lowSide = low.dims[2] * low.dims[3];
     // With four outputs, 0 is the single-mask answer and 1..3 the three candidates.
     const picks = k === 4 ? [1, 2, 3] : [...Array(k).keys()];
     const candidates = picks.map((idx) => {
-      const logits = masks.data.subarray(idx * hw, (idx + 1) * hw);
-      const mask = new Uint8Array(hw);
-      for (let i = 0; i < hw; i++) mask[i] = logits[i] > 0 ? 1 : 0;
+      const lowRes = low.data.slice(idx * lowSide, (idx + 1) * lowSide);
       return {
-        mask,
+        mask: upscaleLogits(lowRes, side, this.imgSize, image.input_height, image.input_width, image.height, image.width),
         score: out.iou_predictions.data[idx],
-        lowRes: out.low_res_masks.data.slice(idx * lowSide, (idx + 1) * lowSide),
+        lowRes,
       };
     });
     candidates.sort((a, b) => b.score - a.score);

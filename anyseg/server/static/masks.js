@@ -118,3 +118,68 @@ export function base64ToFloats(text) {
   for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
   return new Float32Array(bytes.buffer);
 }
+
+// Upscaling of low-res mask logits to the original image, as the model's postprocessing does it:
+// bilinear (half-pixel centres) from side x side to img_size x img_size, crop to the resized image
+// (inputH x inputW, the model frame), bilinear again to H x W. Both steps are linear and separable, so
+// each output row (column) is a fixed mix of at most four low-res rows (columns); the weights are
+// computed once per axis and the two passes touch each output pixel once.
+function axisTaps(outLen, cropLen, side, imgSize) {
+  const idx = new Int32Array(outLen * 4);
+  const wt = new Float32Array(outLen * 4);
+  const source = (i, inLen, outLenHere) => Math.max(0, (i + 0.5) * (inLen / outLenHere) - 0.5);
+  for (let o = 0; o < outLen; o++) {
+    const s2 = source(o, cropLen, outLen);
+    const r0 = Math.floor(s2);
+    const rows = [r0, Math.min(r0 + 1, cropLen - 1)];
+    const rowWeights = [1 - (s2 - r0), s2 - r0];
+    for (let j = 0; j < 2; j++) {
+      const s1 = source(rows[j], side, imgSize);
+      const a0 = Math.floor(s1);
+      idx[o * 4 + 2 * j] = a0;
+      idx[o * 4 + 2 * j + 1] = Math.min(a0 + 1, side - 1);
+      wt[o * 4 + 2 * j] = rowWeights[j] * (1 - (s1 - a0));
+      wt[o * 4 + 2 * j + 1] = rowWeights[j] * (s1 - a0);
+    }
+  }
+  return { idx, wt };
+}
+
+const tapCache = new Map();
+function taps(outLen, cropLen, side, imgSize) {
+  const key = `${outLen}/${cropLen}/${side}/${imgSize}`;
+  if (!tapCache.has(key)) {
+    if (tapCache.size > 16) tapCache.clear();
+    tapCache.set(key, axisTaps(outLen, cropLen, side, imgSize));
+  }
+  return tapCache.get(key);
+}
+
+// logits: Float32Array(side * side), row-major. Returns the mask Uint8Array(H * W) (logit > 0).
+export function upscaleLogits(logits, side, imgSize, inputH, inputW, H, W) {
+  const ty = taps(H, inputH, side, imgSize);
+  const tx = taps(W, inputW, side, imgSize);
+  const rows = new Float32Array(H * side); // vertical pass: H x side
+  for (let y = 0; y < H; y++) {
+    const o = y * 4;
+    const r0 = ty.idx[o] * side, r1 = ty.idx[o + 1] * side, r2 = ty.idx[o + 2] * side, r3 = ty.idx[o + 3] * side;
+    const w0 = ty.wt[o], w1 = ty.wt[o + 1], w2 = ty.wt[o + 2], w3 = ty.wt[o + 3];
+    const out = y * side;
+    for (let c = 0; c < side; c++) {
+      rows[out + c] = w0 * logits[r0 + c] + w1 * logits[r1 + c] + w2 * logits[r2 + c] + w3 * logits[r3 + c];
+    }
+  }
+  const mask = new Uint8Array(H * W);
+  const { idx, wt } = tx;
+  for (let y = 0; y < H; y++) {
+    const row = y * side;
+    const out = y * W;
+    for (let x = 0; x < W; x++) {
+      const o = x * 4;
+      const v = wt[o] * rows[row + idx[o]] + wt[o + 1] * rows[row + idx[o + 1]]
+        + wt[o + 2] * rows[row + idx[o + 2]] + wt[o + 3] * rows[row + idx[o + 3]];
+      mask[out + x] = v > 0 ? 1 : 0;
+    }
+  }
+  return mask;
+}
