@@ -75,6 +75,26 @@ def test_fast_decoder_matches_mask_decoder(multimask, with_mask, chunk):
     assert (got_iou - want_iou).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("size", [(32, 32), (24, 40), (8, 8)])
+def test_fused_vit_attention_in_query_blocks_matches_faithful(size):
+    """Fused global attention with relative positions runs in query blocks (``query_chunk``): the same
+    outputs as the explicit softmax, including a last partial block and a grid below one block."""
+    from anyseg.modeling.vit import Attention
+
+    torch.manual_seed(2)
+    attn = Attention(64, num_heads=4, qkv_bias=True, use_rel_pos=True, grid=max(size)).eval()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    attn.query_chunk = 300  # 1024 and 960 tokens: several blocks and a partial one
+    x = torch.randn(2, *size, 64)
+    with torch.inference_mode():
+        want = attn(x)
+        attn.fused = True
+        got = attn(x)
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
 def test_fast_decoder_without_projections_needs_a_mask_prompt():
     """``set_image(project=False)`` (the single-call form of ONNX export) skips the per-image
     projections: decoding with a dense prompt matches, decoding without one is refused."""

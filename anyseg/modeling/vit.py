@@ -52,7 +52,8 @@ class Attention(nn.Module):
     """Multi-head self-attention over a ``B x H x W x C`` grid with decomposed relative positions.
 
     ``fused`` (a fast path, off by default) runs PyTorch's scaled_dot_product_attention with the
-    relative-position terms passed as an additive bias instead of the explicit softmax.
+    relative-position terms passed as an additive bias instead of the explicit softmax; global
+    attention does so in blocks of ``query_chunk`` queries, so the bias is never built whole.
     """
 
     def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool, use_rel_pos: bool, grid: int) -> None:
@@ -68,11 +69,37 @@ class Attention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, head_dim))
         self.fused = False
 
+    # Fused global attention runs in blocks of this many queries: the relative-position bias of a
+    # block (heads x query_chunk x HW) stays small, instead of heads x HW x HW (805 MB for ViT-B).
+    query_chunk = 512
+
+    def _fused_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """SDPA over query blocks with the decomposed relative-position bias built per block; the
+        same arithmetic as the unchunked fused path (each query row is independent)."""
+        h, w = size
+        n, d = q.shape[1], q.shape[2]
+        table_h = relative_position_table(h, h, self.rel_pos_h)
+        table_w = relative_position_table(w, w, self.rel_pos_w)
+        r_q = q.reshape(-1, h, w, d)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h).reshape(-1, n, h, 1)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, table_w).reshape(-1, n, 1, w)
+        out = torch.empty_like(q)
+        for start in range(0, n, self.query_chunk):
+            stop = min(n, start + self.query_chunk)
+            bias = (rel_h[:, start:stop] + rel_w[:, start:stop]).reshape(-1, stop - start, n)
+            out[:, start:stop] = F.scaled_dot_product_attention(q[:, start:stop], k, v, attn_mask=bias,
+                                                                scale=self.scale)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         n = h * w
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)
+        if self.fused and self.use_rel_pos and n > self.query_chunk:
+            out = self._fused_chunked(q, k, v, (h, w))
+            out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+            return self.proj(out)
         bias = None
         if self.use_rel_pos:
             bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
