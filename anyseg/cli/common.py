@@ -12,14 +12,16 @@ NANO_NOTICE = (
 )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, device: bool = True) -> None:
     parser.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
         help="checkpoint file (.pth/.pt/.safetensors) or a name: nano (the small built-in demo model, the "
              "default) or vit_b, vit_l, vit_h, vit_t (the public SAM checkpoints, downloaded once into "
              "$ANYSEG_HOME, default ~/.cache/anyseg)",
     )
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
+    if device:
+        parser.add_argument("--device", default=None,
+                            help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
     if not speed:
         return
     parser.add_argument(
@@ -34,7 +36,7 @@ def load_model_from_args(args: argparse.Namespace):
 
     from ..checkpoint import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(args.model).strip().lower() == "nano":
         import sys
 

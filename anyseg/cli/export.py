@@ -59,7 +59,7 @@ def register(subparsers) -> None:
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="encoder weights in a separate OUT.onnx.data file: auto = when above ~1.8 GB "
                              "(default), always, never (fails above 2 GB)")
-    add_model_arguments(parser, speed=False)
+    add_model_arguments(parser, speed=False, device=False)  # export always runs on the CPU
     parser.set_defaults(func=run)
 
 
