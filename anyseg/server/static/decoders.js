@@ -95,15 +95,21 @@ export class OnnxDecoder {
     const lowSide = low.dims[2] * low.dims[3];
     // With four outputs, 0 is the single-mask answer and 1..3 the three candidates.
     const picks = k === 4 ? [1, 2, 3] : [...Array(k).keys()];
+    const upscale = (lowRes) => upscaleLogits(lowRes, side, this.imgSize, image.input_height, image.input_width,
+      image.height, image.width);
+    // Each candidate's full-size mask is computed when first read: the best one right here (it is
+    // shown at once), the others only if the user cycles to them.
     const candidates = picks.map((idx) => {
       const lowRes = low.data.slice(idx * lowSide, (idx + 1) * lowSide);
+      let mask = null;
       return {
-        mask: upscaleLogits(lowRes, side, this.imgSize, image.input_height, image.input_width, image.height, image.width),
+        get mask() { return mask || (mask = upscale(lowRes)); },
         score: out.iou_predictions.data[idx],
         lowRes,
       };
     });
     candidates.sort((a, b) => b.score - a.score);
+    void candidates[0].mask;
     return candidates;
   }
 }
