@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_model_arguments, load_model_from_args
+from .common import NANO_NOTICE, add_model_arguments, load_model_from_args
 
 DESCRIPTION = """\
 Measure how well a model segments the instances of a dataset from simulated prompts:
@@ -26,7 +26,9 @@ examples:
   anyseg eval --model sam_vit_b_01ec64.pth --data annotations/instances_val2017.json --images val2017/ \\
       --max-images 100 -o eval/
   anyseg eval --model runs/tiny/model.pth --data synthetic:count=100,seed=1000,size=128 -o eval/tiny
-  anyseg eval --model vit_small_checkpoint.pth --data synthetic:count=40,seed=1000,size=256 --clicks 9"""
+  anyseg eval --model vit_small_checkpoint.pth --data synthetic:count=40,seed=1000,size=256 --clicks 9
+  # the same checkpoint at 256 px (position tables resampled; 16x16 embedding grid)
+  anyseg eval --model vit_small_checkpoint.pth --img-size 256 --data synthetic:count=40,seed=1000,size=256"""
 
 
 def register(subparsers) -> None:
@@ -47,9 +49,33 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", default=None, metavar="OUTDIR",
                         help="write <stem>.json and <stem>.png here (default: print only)")
     parser.add_argument("--name", default=None, help="file stem and plot label (default: the model's file stem)")
+    parser.add_argument("--img-size", type=int, default=None, metavar="PX",
+                        help="run the model at this input size (square frame, px); a ViT checkpoint's position "
+                             "tables are resampled (as 'anyseg train --img-size' does), so a 1024 px checkpoint "
+                             "can be compared with a model fine-tuned at 256 px (default: the checkpoint's size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _load_model(args: argparse.Namespace):
+    """The model of ``--model``, at ``--img-size`` when given (same device and speed handling)."""
+    img_size = getattr(args, "img_size", None)
+    if img_size is None:
+        return load_model_from_args(args)
+    import torch
+
+    from ..speed import apply, resolve
+    from ..train.resolution import load_model_at
+
+    if str(args.model).strip().lower() == "nano":
+        print(f"anyseg: {NANO_NOTICE}", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model_at(args.model, img_size, device=device)
+    speed = getattr(args, "speed", None)
+    if speed is not None:
+        apply(model, resolve(speed, model.device))
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     dataset = open_dataset(args.data, args.images)
-    model = load_model_from_args(args)
+    model = _load_model(args)
     cfg = EvalConfig(clicks=args.clicks, max_images=args.max_images, max_instances=args.max_instances,
                      feed_logits=not args.no_feed_logits, batch_size=args.batch_size, seed=args.seed)
     result = evaluate(model, dataset, cfg, progress=not args.quiet)
@@ -74,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         summary = result.summary()
-        record = {"model": str(args.model), "data": str(args.data), "config": vars(cfg), "summary": summary,
+        record = {"model": str(args.model), "data": str(args.data), "img_size": model.img_size, "config": vars(cfg),
+                  "summary": summary,
                   "per_instance": {"point_oracle": result.point_oracle, "point_confident": result.point_confident,
                                    "box": result.box, "clicks": result.curve}}
         write_json_atomic(out / f"{name}.json", record, indent=1)

@@ -35,6 +35,11 @@ examples:
   # full fine-tuning on a GPU with bf16 and gradient checkpointing
   anyseg train --model vit_b --data sa1b/ --mode full --device cuda --bf16 --grad-checkpointing \\
       --batch-size 4 --masks-per-image 16 --lr 8e-5 --steps 20000 -o runs/full
+  # decoder fine-tuning of a 1024 px ViT checkpoint run at 256 px (16x cheaper decoder on a CPU;
+  # the exported model is a 256 px model: evaluate the original with 'anyseg eval --img-size 256')
+  anyseg train --model vit_small_checkpoint.pth --img-size 256 --mode decoder --data synthetic:count=200,size=256 \\
+      --lr 5e-4 --warmup-steps 5 --focal-weight 1 --focal-alpha -1 --focal-gamma 0 --point-iters 0 \\
+      --refine-iters 0 --box-prob 0 --loss-res low --steps 200 --batch-size 4 --masks-per-image 4 -o runs/decoder256
   # LoRA on the encoder
   anyseg train --model vit_b --data labels_dir/ --mode lora --lora-rank 8 -o runs/lora"""
 

@@ -53,6 +53,7 @@ class TrainConfig:
     output: str = "runs/train"
     model: Optional[str] = None
     arch: Optional[str] = None
+    img_size: Optional[int] = None
     mode: str = "decoder"
     steps: int = 1000
     batch_size: int = 2
@@ -98,6 +99,8 @@ class TrainConfig:
         if (self.model is None) == (self.arch is None):
             raise ValueError("give exactly one of --model (a checkpoint to start from) or --arch (a new model "
                              f"from scratch: {', '.join(ARCHS)})")
+        if self.img_size is not None and self.img_size <= 0:
+            raise ValueError(f"--img-size must be a positive number of pixels, got {self.img_size}")
         if self.arch is not None and self.arch not in ARCHS:
             raise ValueError(f"unknown --arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
         if self.mode not in MODES:
@@ -122,7 +125,13 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def sam_config(self) -> Optional[SamConfig]:
-        return ARCHS[self.arch] if self.arch else None
+        """The architecture of ``--arch`` (at ``--img-size`` when given), None with ``--model``."""
+        if not self.arch:
+            return None
+        config = ARCHS[self.arch]
+        if self.img_size is not None:
+            config = replace(config, encoder=replace(config.encoder, img_size=self.img_size))
+        return config
 
 
 # Named bundles of settings, applied on top of the defaults and under the config file and flags.
@@ -138,7 +147,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
 }
 
 # Settings that define the model being trained: resuming with other values would mix two runs.
-IDENTITY_FIELDS = ("model", "arch", "mode", "lora_rank", "lora_alpha", "seed")
+IDENTITY_FIELDS = ("model", "arch", "img_size", "mode", "lora_rank", "lora_alpha", "seed")
 
 HELP = {
     "data": "training data: 'synthetic[:count=N,seed=S,size=PX,objects=A-B,parts=1]', a COCO instances .json, "
@@ -147,6 +156,9 @@ HELP = {
     "output": "run folder: last.pt (resumable state), log.csv, the exported model",
     "model": "checkpoint to start from (file or registered name)",
     "arch": "build an untrained model instead: " + ", ".join(ARCHS),
+    "img_size": "model input size in px (square frame); a ViT checkpoint's position tables are resampled, e.g. 256 "
+                "runs a 1024 px checkpoint on a 16 x 16 embedding grid (16x cheaper decoder); the exported model "
+                "keeps this size (default: the checkpoint's / arch's own size)",
     "mode": "decoder: encoder frozen, embeddings cached once; lora: adapters on encoder attention; full: all",
     "steps": "optimiser steps in total (a resumed run continues up to this)",
     "batch_size": "images per step",

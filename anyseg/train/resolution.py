@@ -1,0 +1,92 @@
+"""Run a ViT SAM checkpoint at another input resolution (e.g. 256 px instead of 1024 px).
+
+A ViT checkpoint stores an absolute position table for one grid (``1 x g x g x C``, g = 64 for
+1024 px inputs) and, in its global-attention blocks, relative position tables of length ``2g - 1``.
+:func:`resize_state_dict` resamples both for another grid; the windowed blocks are unchanged (their
+tables depend on the window, not the image). The relative tables are resampled exactly as the
+attention itself resamples a table of the wrong length (linear, see
+:func:`anyseg.modeling.vit.relative_position_table`), so only the absolute table is an
+approximation (bicubic, antialiased when shrinking).
+
+The result is a normal checkpoint for the new size: :func:`anyseg.load_model` infers the size from
+the position table, so a model saved after training at 256 px loads at 256 px. The mask decoder
+has no size-dependent weights: at 256 px it runs on a 16 x 16 embedding grid (64 x 64 low-res
+masks), 16x less work than at 1024 px.
+
+TinyViT checkpoints have no position table; :func:`anyseg.load_model` takes their ``img_size``
+directly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import infer_config, load_model, model_from_state_dict, read_state_dict, with_image_size
+from ..modeling.sam import Sam
+
+ENC = "image_encoder."
+
+
+def _resample_linear(table: torch.Tensor, length: int) -> torch.Tensor:
+    """``L x C`` -> ``length x C``, the same linear resampling the attention applies on the fly."""
+    out = F.interpolate(table.float().t()[None], size=length, mode="linear")
+    return out[0].t().to(table.dtype)
+
+
+def resize_state_dict(sd: Dict[str, torch.Tensor], img_size: int) -> Dict[str, torch.Tensor]:
+    """A ViT SAM state dict for ``img_size`` px inputs (a new dict; tensors not resized are shared).
+
+    Raises ValueError when ``img_size`` is not a positive multiple of the patch size or the state
+    dict has no ViT position table.
+    """
+    config = infer_config(sd)
+    enc = config.encoder
+    if getattr(enc, "kind", None) != "vit" or ENC + "pos_embed" not in sd:
+        raise ValueError("resizing needs a ViT checkpoint with an absolute position table "
+                         "(TinyViT: pass img_size to anyseg.load_model instead)")
+    patch = enc.patch_size
+    if img_size <= 0 or img_size % patch:
+        raise ValueError(f"img_size must be a positive multiple of the patch size {patch}, got {img_size}")
+    old, new = enc.img_size // patch, img_size // patch
+    out = dict(sd)
+    if new == old:
+        return out
+    pos = sd[ENC + "pos_embed"]  # 1 x g x g x C
+    grid = pos.float().permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=new < old)
+    out[ENC + "pos_embed"] = resized.permute(0, 2, 3, 1).to(pos.dtype).contiguous()
+    if enc.use_rel_pos:
+        for i in enc.global_attn_indexes:
+            for axis in ("h", "w"):
+                key = f"{ENC}blocks.{i}.attn.rel_pos_{axis}"
+                out[key] = _resample_linear(sd[key], 2 * new - 1).contiguous()
+    return out
+
+
+def load_model_at(path_or_name: Union[str, os.PathLike], img_size: Optional[int] = None,
+                  device: Union[str, torch.device, None] = None) -> Sam:
+    """:func:`anyseg.load_model`, optionally at another input size ``img_size`` (px, square frame).
+
+    ViT checkpoints get their position tables resampled (:func:`resize_state_dict`); TinyViT ones
+    are built for ``img_size`` directly. ``None`` or the checkpoint's own size loads it unchanged.
+    """
+    if img_size is None:
+        return load_model(path_or_name, device=device)
+    if img_size <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    from ..hub import resolve_checkpoint
+
+    path = resolve_checkpoint(path_or_name)
+    sd = read_state_dict(path)
+    if ENC + "pos_embed" not in sd:
+        return load_model(path, device=device, img_size=img_size)
+    resized = resize_state_dict(sd, img_size)
+    config = with_image_size(infer_config(sd), img_size)
+    model = model_from_state_dict(resized, config=config, source=f"{path} at {img_size} px")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
