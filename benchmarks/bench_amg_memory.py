@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     peak = peak_rss_mib()
     print()
-    print(f"| image | crop layers | grid | records | time | peak RSS (model loaded) | peak RSS |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| image | crop layers | grid | records | time | peak RSS (model loaded) | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {width}x{height} | {args.crop_n_layers} | {args.points_per_side}x{args.points_per_side} | "
           f"{len(records)} | {elapsed:.1f} s | {before:.0f} MiB | {peak:.0f} MiB |")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
