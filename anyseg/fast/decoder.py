@@ -39,9 +39,11 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _token_to_image(attn: Attention, q: torch.Tensor, keys_pe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Attention of ``B x T x C`` token queries over ``B x N x C`` image keys / values (``B`` may be 1 for
-    the image side, broadcast over the prompts). Returns ``B x T x C`` (after ``out_proj``)."""
+def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Attention of ``B x T x C`` token queries over the image: keys ``keys + pe``, values ``keys``
+    (``keys`` ``B x N x C``, ``B`` may be 1 and broadcast over the prompts; ``pe`` ``1 x N x C``).
+    ``keys + pe`` is never formed: its logits are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one
+    matrix product against the shared ``pe``. Returns ``B x T x C`` (after ``out_proj``)."""
     heads = attn.num_heads
     b, t, _ = q.shape
     internal = attn.q_proj.out_features
@@ -50,10 +52,11 @@ def _token_to_image(attn: Attention, q: torch.Tensor, keys_pe: torch.Tensor, key
     wk = attn.k_proj.weight.view(heads, d, -1)  # H x d x C
     # (q Wk_h) per head: B x H x T x C, then logits against the raw keys.
     qk = torch.matmul(qh, wk).reshape(b, heads * t, -1)
-    kp = keys_pe.expand(b, -1, -1) if keys_pe.shape[0] != b else keys_pe
-    logits = torch.bmm(qk, kp.transpose(1, 2))  # B x HT x N
-    probs = logits.softmax(dim=-1)
+    n, c = pe.shape[1], pe.shape[2]
+    pe_logits = torch.mm(qk.reshape(-1, c), pe[0].t()).view(b, heads * t, n)
     kv = keys.expand(b, -1, -1) if keys.shape[0] != b else keys
+    logits = torch.baddbmm(pe_logits, qk, kv.transpose(1, 2))  # B x HT x N
+    probs = logits.softmax(dim=-1)
     pooled = torch.bmm(probs, kv).view(b, heads, t, -1)  # B x H x T x C
     wv = attn.v_proj.weight.view(heads, d, -1)  # H x d x C
     out = torch.matmul(pooled, wv.transpose(1, 2)) + attn.v_proj.bias.view(1, heads, 1, d)  # B x H x T x d
@@ -72,33 +75,44 @@ def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, v
     return attn.out_proj(out.transpose(0, 1).reshape(b, t, heads * d))
 
 
-def _image_to_token(attn: Attention, img_q: Optional[torch.Tensor], tok_k: torch.Tensor, tok_v: torch.Tensor,
+def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor, *,
+                    keys: Optional[torch.Tensor] = None, pe: Optional[torch.Tensor] = None,
                     cached_qh: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Attention of image queries (``B x N x C``, or ``cached_qh`` = projected ``1 x H x N x d``) over
-    ``B x T x C`` token keys / values. Returns ``B x N x C`` (after ``out_proj``)."""
+    """``residual`` plus the attention of the image queries over ``B x T x C`` token keys / values.
+
+    The image queries are ``keys + pe`` (``keys`` ``B x N x C``, ``pe`` ``1 x N x C``), or ``cached_qh``,
+    their projection ``1 x H x N x d``. ``residual`` (``B x N x C`` or ``1 x N x C``) is what the block
+    adds the attention to; returns that sum, ``B x N x C``, before the block's norm. The arithmetic:
+    logits against ``keys + pe`` as ``keys a^T + (pe a^T + const)`` with the token side folded into
+    ``a``; probabilities laid out ``N x T x H`` so that the softmax over ``T`` runs along contiguous
+    heads; the output projection folded into the ``T`` values, and its bias spread over them (the
+    probabilities of each head sum to one), so the result is one ``baddbmm`` onto ``residual``.
+    """
     heads = attn.num_heads
     b, t, _ = tok_k.shape
     internal = attn.q_proj.out_features
     d = internal // heads
-    kh = _split_heads(attn.k_proj(tok_k), heads) * (d**-0.5)  # B x H x T x d
-    vh = _split_heads(attn.v_proj(tok_v), heads)  # B x H x T x d
+    kh = _split_heads(attn.k_proj(tok_k), heads).transpose(1, 2) * (d**-0.5)  # B x T x H x d
+    vh = _split_heads(attn.v_proj(tok_v), heads).transpose(1, 2)  # B x T x H x d
     wo = attn.out_proj.weight.view(-1, heads, d)  # C x H x d
-    # Values already pushed through the output projection: B x H x T x C -> B x HT x C.
-    vo = torch.einsum("bhtd,chd->bhtc", vh, wo).reshape(b, heads * t, -1)
+    # Values pushed through the output projection, plus bias / H: B x (T H) x C.
+    vo = torch.einsum("bthd,chd->bthc", vh, wo) + attn.out_proj.bias / heads
+    vo = vo.reshape(b, t * heads, -1)
     if cached_qh is not None:
         n = cached_qh.shape[2]
         # H x N x d against H x d x (B T): heads as the batch, no broadcast copies.
-        logits = torch.bmm(cached_qh[0], kh.permute(1, 3, 0, 2).reshape(heads, d, b * t))  # H x N x BT
-        logits = logits.view(heads, n, b, t).permute(2, 1, 0, 3)  # B x N x H x T
-        probs = logits.softmax(dim=-1).reshape(b, n, heads * t)
+        logits = torch.bmm(cached_qh[0], kh.permute(2, 3, 0, 1).reshape(heads, d, b * t))  # H x N x BT
+        logits = logits.view(heads, n, b, t).permute(2, 1, 3, 0).contiguous()  # B x N x T x H
     else:
         wq = attn.q_proj.weight.view(heads, d, -1)  # H x d x C
-        a = torch.matmul(kh, wq).reshape(b, heads * t, -1)  # B x HT x C
-        const = (kh * attn.q_proj.bias.view(1, heads, 1, d)).sum(-1).reshape(b, 1, heads * t)
-        logits = torch.baddbmm(const, img_q, a.transpose(1, 2))  # B x N x HT
-        n = logits.shape[1]
-        probs = logits.view(b, n, heads, t).softmax(dim=-1).view(b, n, heads * t)
-    return torch.baddbmm(attn.out_proj.bias.view(1, 1, -1), probs, vo)
+        a = torch.einsum("bthd,hdc->bthc", kh, wq).reshape(b, t * heads, -1)  # B x TH x C
+        const = (kh * attn.q_proj.bias.view(1, 1, heads, d)).sum(-1).reshape(b, 1, t * heads)
+        n, c = pe.shape[1], pe.shape[2]
+        pe_logits = torch.mm(pe[0], a.reshape(-1, c).t()).view(n, b, t * heads).transpose(0, 1) + const
+        kq = keys.expand(b, -1, -1) if keys.shape[0] != b else keys
+        logits = torch.baddbmm(pe_logits, kq, a.transpose(1, 2)).view(b, n, t, heads)  # B x N x T x H
+    probs = logits.softmax(dim=2).view(b, n, t * heads)
+    return torch.baddbmm(residual, probs, vo)
 
 
 @dataclass
@@ -204,24 +218,21 @@ class FastDecoder:
             else:
                 if keys is None:  # first block with a mask prompt
                     keys = cache.embedding.flatten(2).transpose(1, 2) + dense.flatten(2).transpose(1, 2)
-                keys_pe = keys + pe
-                attn_out = _token_to_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
+                attn_out = _token_to_image(layer.cross_attn_token_to_image, q, keys, pe)
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + tokens
             if shared:
-                upd = _image_to_token(layer.cross_attn_image_to_token, None, q, queries, cached_qh=cache.qh0)
-                keys = layer.norm4(cache.keys + upd)
+                summed = _image_to_token(layer.cross_attn_image_to_token, cache.keys, q, queries, cached_qh=cache.qh0)
             else:
-                upd = _image_to_token(layer.cross_attn_image_to_token, keys_pe, q, queries)
-                keys = layer.norm4(keys + upd)
+                summed = _image_to_token(layer.cross_attn_image_to_token, keys, q, queries, keys=keys, pe=pe)
+            keys = layer.norm4(summed)
         # Final token-to-image attention, only for the IoU and mask tokens.
         n_out = 1 + dec.num_mask_tokens
         tf = dec.transformer
         queries, tok = queries[:, :n_out], tokens[:, :n_out]
-        keys_pe = keys + pe
         queries = tf.norm_final_attn(queries + _token_to_image(tf.final_attn_token_to_image, queries + tok,
-                                                               keys_pe, keys))
+                                                               keys, pe))
         iou = dec.iou_prediction_head(queries[:, 0, :])
         return iou, queries[:, 1:n_out, :], keys
 
