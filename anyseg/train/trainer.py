@@ -4,7 +4,8 @@ resumable checkpoints, CSV (and optional TensorBoard) logs, export in the public
 
 Determinism: every random choice of step ``s`` (images, masks, flips, prompts) comes from generators
 seeded with ``(seed, s)``, so a run resumed from its checkpoint at step ``s`` continues exactly as
-an uninterrupted one.
+an uninterrupted one (bit for bit on one CPU thread; multi-threaded CPU backward passes are not
+bitwise reproducible even between two uninterrupted runs).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..modeling.sam import Sam, build_sam
 from .cache import EmbeddingCache
 from .config import IDENTITY_FIELDS, TrainConfig
 from .datasets import open_dataset, select_masks, to_model_frame
-from .interactive import InteractiveConfig, run_interactive
+from .interactive import run_interactive
 from .lora import apply_lora, merged_state_dict
 from .params import enable_gradient_checkpointing, param_groups, set_trainable
 from .resolution import load_model_at
@@ -97,11 +98,6 @@ class Trainer:
         self.img_size = self.model.img_size
         self.low_res = self.model.prompt_encoder.mask_input_size[0]
         self.grid = self.img_size if cfg.loss_res == "input" else self.low_res
-        self.interactive = InteractiveConfig(
-            point_iters=cfg.point_iters, refine_iters=cfg.refine_iters, box_prob=cfg.box_prob,
-            box_noise=cfg.box_noise, box_max_noise=cfg.box_max_noise, focal_weight=cfg.focal_weight,
-            dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight, focal_alpha=cfg.focal_alpha,
-            focal_gamma=cfg.focal_gamma)
         self.step = 0
         self.cache: Optional[EmbeddingCache] = None
         self._tb = None
@@ -188,7 +184,7 @@ class Trainer:
             per_mask_graph = embeddings[owner]
             leaf = per_mask_graph.detach().float().requires_grad_(True)
             per_mask = leaf
-        stats = run_interactive(self.model, per_mask, gt, valid, input_size, gen, self.interactive,
+        stats = run_interactive(self.model, per_mask, gt, valid, input_size, gen, self.cfg,
                                 backward=True, autocast=self.autocast())
         if leaf is not None and leaf.grad is not None:
             per_mask_graph.backward(leaf.grad.to(per_mask_graph.dtype))
