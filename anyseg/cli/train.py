@@ -48,7 +48,7 @@ _SHORT = {"output": ("-o",), "data": ("-d",), "model": ("-m",)}
 
 
 def register(subparsers) -> None:
-    from ..train.config import HELP, TrainConfig
+    from ..train.config import HELP, InteractiveConfig, TrainConfig
 
     parser = subparsers.add_parser(
         "train", help="train / fine-tune (decoder, LoRA or full) with simulated interactive prompts",
@@ -59,7 +59,11 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     hints = get_type_hints(TrainConfig)
     defaults = TrainConfig()
-    for f in fields(TrainConfig):
+    # The run's own settings first, then the prompt simulation and loss (inherited fields come first
+    # in fields()).
+    inherited = {f.name for f in fields(InteractiveConfig)}
+    ordered = [f for f in fields(TrainConfig) if f.name not in inherited] + list(fields(InteractiveConfig))
+    for f in ordered:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = getattr(defaults, f.name)

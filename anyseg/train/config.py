@@ -47,7 +47,26 @@ ARCHS: Dict[str, SamConfig] = {
 
 
 @dataclass
-class TrainConfig:
+class InteractiveConfig:
+    """The interactive prompt simulation and the loss of one training example (SAM's recipe)."""
+
+    point_iters: int = 8
+    refine_iters: int = 2
+    box_prob: float = 0.5
+    box_noise: float = 0.1
+    # At most this many pixels of a 1024 model frame (scaled to the model's input size).
+    box_max_noise: float = 20.0
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class TrainConfig(InteractiveConfig):
+    """Every training setting: the run's own fields below plus those of :class:`InteractiveConfig`."""
+
     data: str = ""
     images: Optional[str] = None
     output: str = "runs/train"
@@ -64,16 +83,6 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     layer_decay: float = 0.8
     clip_grad: float = 1.0
-    point_iters: int = 8
-    refine_iters: int = 2
-    box_prob: float = 0.5
-    box_noise: float = 0.1
-    box_max_noise: float = 20.0
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
     loss_res: str = "input"
     lora_rank: int = 4
     lora_alpha: float = 4.0

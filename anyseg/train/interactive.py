@@ -14,23 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling.sam import Sam
+from .config import InteractiveConfig
 from .losses import sam_loss
 from .prompts import PromptState, error_points, iteration_schedule
-
-
-@dataclass
-class InteractiveConfig:
-    point_iters: int = 8
-    refine_iters: int = 2
-    box_prob: float = 0.5
-    box_noise: float = 0.1
-    # At most this many pixels of a 1024 model frame (scaled to the model's input size).
-    box_max_noise: float = 20.0
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
 
 
 @dataclass
