@@ -61,3 +61,26 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     if union == 0:
         return 1.0
     return float(np.logical_and(a, b).sum() / union)
+
+
+def golden_prompt_kwargs(case: dict, golden) -> dict:
+    """``SamPredictor.predict`` keyword arguments of one single-prompt golden predictor case."""
+    kwargs = dict(point_coords=case["point_coords"] and np.array(case["point_coords"]),
+                  point_labels=case["point_labels"] and np.array(case["point_labels"]),
+                  box=None if case["box"] is None else np.array(case["box"]),
+                  multimask_output=case["multimask_output"])
+    if "mask_input" in case:
+        kwargs["mask_input"] = golden["refine_mask_input"]
+    return kwargs
+
+
+def check_golden_outputs(name: str, golden, masks: np.ndarray, iou: np.ndarray, low_res: np.ndarray) -> None:
+    """The golden tolerances: IoU scores 1e-3, low-res logits 1e-2 (absolute), every mask IoU >= 0.999."""
+    assert masks.shape == tuple(golden[f"{name}_masks_shape"])
+    want_masks = unpack_masks(golden[f"{name}_masks_packed"], golden[f"{name}_masks_shape"])
+    np.testing.assert_allclose(iou, golden[f"{name}_iou"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(low_res, golden[f"{name}_low_res_logits"], atol=1e-2, rtol=0)
+    flat_got = masks.reshape(-1, *masks.shape[-2:])
+    flat_want = want_masks.reshape(-1, *want_masks.shape[-2:])
+    for got, want in zip(flat_got, flat_want):
+        assert mask_iou(got, want) >= 0.999

@@ -15,7 +15,7 @@ from anyseg.fast.resize import MaskResizer
 from anyseg.masks import rle_counts
 from anyseg.modeling.mask_decoder import MaskDecoder
 from anyseg.speed import SpeedConfig, apply, get_config
-from conftest import mask_iou, unpack_masks
+from conftest import check_golden_outputs, golden_prompt_kwargs, mask_iou
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -171,19 +171,8 @@ def test_lossless_predictor_keeps_golden_tolerances(golden_model, golden_dir, im
         for case in spec["cases"]:
             if case["name"] in ("batched_boxes", "logits_case"):
                 continue
-            kwargs = dict(point_coords=case["point_coords"] and np.array(case["point_coords"]),
-                          point_labels=case["point_labels"] and np.array(case["point_labels"]),
-                          box=None if case["box"] is None else np.array(case["box"]),
-                          multimask_output=case["multimask_output"])
-            if "mask_input" in case:
-                kwargs["mask_input"] = golden["refine_mask_input"]
-            masks, iou, low_res = predictor.predict(**kwargs)
-            n = case["name"]
-            np.testing.assert_allclose(iou, golden[f"{n}_iou"], atol=1e-3, rtol=0)
-            np.testing.assert_allclose(low_res, golden[f"{n}_low_res_logits"], atol=1e-2, rtol=0)
-            want = unpack_masks(golden[f"{n}_masks_packed"], golden[f"{n}_masks_shape"])
-            for got_m, want_m in zip(masks, want):
-                assert mask_iou(got_m, want_m) >= 0.999
+            masks, iou, low_res = predictor.predict(**golden_prompt_kwargs(case, golden))
+            check_golden_outputs(case["name"], golden, masks, iou, low_res)
             checked += 1
         assert checked == 6
     finally:

@@ -7,7 +7,7 @@ import torch
 
 import anyseg
 from anyseg.geometry import boxes_to_model_torch
-from conftest import mask_iou, unpack_masks
+from conftest import check_golden_outputs, golden_prompt_kwargs, mask_iou
 
 pytestmark = pytest.mark.golden
 
@@ -36,17 +36,6 @@ def test_embedding(encoded):
     assert err <= 1e-3
 
 
-def _check(name, golden, masks, iou, low_res):
-    assert masks.shape == tuple(golden[f"{name}_masks_shape"])
-    want_masks = unpack_masks(golden[f"{name}_masks_packed"], golden[f"{name}_masks_shape"])
-    np.testing.assert_allclose(iou, golden[f"{name}_iou"], atol=1e-3, rtol=0)
-    np.testing.assert_allclose(low_res, golden[f"{name}_low_res_logits"], atol=1e-2, rtol=0)
-    flat_got = masks.reshape(-1, *masks.shape[-2:])
-    flat_want = want_masks.reshape(-1, *want_masks.shape[-2:])
-    for got, want in zip(flat_got, flat_want):
-        assert mask_iou(got, want) >= 0.999
-
-
 def test_prompt_cases(encoded):
     predictor, spec, golden = encoded
     checked = 0
@@ -54,15 +43,9 @@ def test_prompt_cases(encoded):
         name = case["name"]
         if name in ("batched_boxes", "logits_case"):
             continue
-        kwargs = dict(point_coords=case["point_coords"] and np.array(case["point_coords"]),
-                      point_labels=case["point_labels"] and np.array(case["point_labels"]),
-                      box=None if case["box"] is None else np.array(case["box"]),
-                      multimask_output=case["multimask_output"])
-        if "mask_input" in case:
-            kwargs["mask_input"] = golden["refine_mask_input"]
-        masks, iou, low_res = predictor.predict(**kwargs)
+        masks, iou, low_res = predictor.predict(**golden_prompt_kwargs(case, golden))
         assert masks.dtype == bool
-        _check(name, golden, masks, iou, low_res)
+        check_golden_outputs(name, golden, masks, iou, low_res)
         checked += 1
     assert checked == 6
 
@@ -84,14 +67,14 @@ def test_batched_boxes_predict_torch(encoded):
     case = next(c for c in spec["cases"] if c["name"] == "batched_boxes")
     boxes = boxes_to_model_torch(torch.tensor(case["boxes"]), predictor.original_size)
     masks, iou, low_res = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
-    _check("batched_boxes", golden, masks.numpy(), iou.numpy(), low_res.numpy())
+    check_golden_outputs("batched_boxes", golden, masks.numpy(), iou.numpy(), low_res.numpy())
 
 
 def test_predict_batch_matches_single_calls(encoded):
     predictor, spec, golden = encoded
     case = next(c for c in spec["cases"] if c["name"] == "batched_boxes")
     out = predictor.predict_batch(boxes=np.array(case["boxes"]))
-    _check("batched_boxes", golden, out.masks, out.scores, out.low_res_logits)
+    check_golden_outputs("batched_boxes", golden, out.masks, out.scores, out.low_res_logits)
     # ragged point lists: each object equals its own predict() call
     pts = [np.array([[100.0, 120.0]]), np.array([[300.0, 200.0], [50.0, 60.0]]), np.array([[10.0, 20.0]])]
     labels = [np.array([1]), np.array([1, 0]), np.array([1])]
