@@ -63,13 +63,18 @@ class EmbeddingCache:
     def get(self, key: str) -> Optional[CacheEntry]:
         """The entry for ``key`` (now most recently used), or None."""
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._hit(key)
             if entry is None:
                 self.misses += 1
-                return None
+            return entry
+
+    def _hit(self, key: str) -> Optional[CacheEntry]:
+        """With the lock held: the entry for ``key``, marked most recently used and counted as a hit."""
+        entry = self._entries.get(key)
+        if entry is not None:
             self._entries.move_to_end(key)
             self.hits += 1
-            return entry
+        return entry
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -112,10 +117,8 @@ class EmbeddingCache:
         """
         while True:
             with self._lock:
-                entry = self._entries.get(key)
+                entry = self._hit(key)
                 if entry is not None:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
                     return entry, True
                 event = self._pending.get(key)
                 if event is None:
@@ -127,11 +130,9 @@ class EmbeddingCache:
             if not owner:
                 event.wait()
                 with self._lock:
-                    entry = self._entries.get(key)
-                    if entry is not None:
-                        self._entries.move_to_end(key)
-                        self.hits += 1
-                        return entry, True
+                    entry = self._hit(key)
+                if entry is not None:
+                    return entry, True
                 continue  # the owner failed or the entry was evicted already: try again
             try:
                 entry = factory()
