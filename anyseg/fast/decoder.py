@@ -203,12 +203,7 @@ class FastDecoder:
         queries, keys = tokens, None
         pe = cache.pe
         for i, layer in enumerate(layers):
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(queries, queries, queries)
-            else:
-                q = queries + tokens
-                queries = queries + layer.self_attn(q, q, queries)
-            queries = layer.norm1(queries)
+            queries = layer.token_self_attention(queries, tokens)
             q = queries + tokens
             shared = i == 0 and dense is None
             if shared and cache.kh0 is None:
