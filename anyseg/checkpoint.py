@@ -233,7 +233,9 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
             (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t``) resolved through the cache (see ``anyseg.hub``).
         device: where to put the model (default: CPU).
         dtype: parameter dtype (default: float32, the faithful path).
-        img_size: input resolution of a TinyViT checkpoint not trained at 1024.
+        img_size: input resolution (square frame, px) to run the model at, when not the one it was
+            trained at: a TinyViT is built for it; a ViT gets its position tables resampled
+            (:func:`anyseg.resolution.resize_state_dict`). Default: the checkpoint's own size.
         speed: fast paths to switch on (see ``anyseg.speed``): ``None`` or ``"faithful"`` (the
             reference float32 computation), ``"lossless"``, ``"auto"`` (sensible for the device) or a
             ``SpeedConfig``.
@@ -242,8 +244,16 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
 
     path = resolve_checkpoint(path_or_name)
     sd = read_state_dict(path)
+    source = str(path)
+    if img_size is not None:
+        if img_size <= 0:
+            raise ValueError(f"img_size must be positive, got {img_size}")
+        if ENC + "pos_embed" in sd:  # a ViT: its position tables fix the size, so resample them
+            from .resolution import resize_state_dict
+
+            sd, source, img_size = resize_state_dict(sd, img_size), f"{path} at {img_size} px", None
     config = infer_config(sd, img_size=img_size)
-    model = model_from_state_dict(sd, config=config, source=str(path))
+    model = model_from_state_dict(sd, config=config, source=source)
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)

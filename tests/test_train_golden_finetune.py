@@ -26,7 +26,6 @@ import torch
 
 from anyseg import load_model
 from anyseg.cli import main
-from anyseg.train.resolution import load_model_at
 
 TRAIN = "synthetic:count=200,seed=0,size=256,objects=1-3"
 HELDOUT = "synthetic:count=16,seed=1000,size=256,objects=1-3"
@@ -61,7 +60,7 @@ def test_decoder_finetune_of_golden_vit_small_improves_heldout_miou(golden_dir, 
     assert after["point_confident_miou"] >= before["point_confident_miou"] + CONFIDENT_GAIN, (before, after)
 
     # decoder-only: the exported encoder is the golden one at 256 px, bit for bit; the decoder moved
-    golden = load_model_at(checkpoint, int(SIZE)).state_dict()
+    golden = load_model(checkpoint, img_size=int(SIZE)).state_dict()
     trained = load_model(run / "model.pth").state_dict()
     assert trained.keys() == golden.keys()
     for key in golden:

@@ -14,7 +14,7 @@ from anyseg.cli import main
 from anyseg.config import SamConfig, TinyViTConfig
 from anyseg.modeling.sam import build_sam
 from anyseg.train.config import ARCHS, TrainConfig
-from anyseg.train.resolution import load_model_at, resize_state_dict
+from anyseg.resolution import resize_state_dict
 from anyseg.train.trainer import Trainer
 
 ENC = "image_encoder."
@@ -63,7 +63,7 @@ def test_resampled_relative_tables_equal_what_attention_does_on_the_fly(tiny_che
     """The global block's tables are resampled exactly as attention resamples a table of the wrong
     length, so only the absolute position table changes the computation."""
     sd = read_state_dict(tiny_checkpoint)
-    small = load_model_at(tiny_checkpoint, 64)
+    small = load_model(tiny_checkpoint, img_size=64)
     assert small.img_size == 64 and small.prompt_encoder.image_embedding_size == (4, 4)
     assert small.prompt_encoder.mask_input_size == (16, 16)
     on_the_fly = build_sam(replace(TINY, encoder=replace(TINY.encoder, img_size=64))).eval()
@@ -82,18 +82,18 @@ def test_resampled_relative_tables_equal_what_attention_does_on_the_fly(tiny_che
 
 def test_saved_resized_model_loads_at_its_size(tiny_checkpoint, tmp_path):
     # 96 px: a 6 x 6 grid, so the global block's tables (length 11) differ from the windowed ones (7)
-    small = load_model_at(tiny_checkpoint, 96)
+    small = load_model(tiny_checkpoint, img_size=96)
     path = save_model(small, tmp_path / "small.pth")
     again = load_model(path)
     assert again.img_size == 96
     assert again.config.encoder.global_attn_indexes == TINY.encoder.global_attn_indexes
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in small.state_dict().items())
-    assert load_model_at(path, None).img_size == 96
+    assert load_model(path, img_size=96).img_size == 96  # its own size: unchanged
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         assert torch.equal(small.encode_image(x), again.encode_image(x))
     with pytest.raises(ValueError, match="positive"):
-        load_model_at(tiny_checkpoint, 0)
+        load_model(tiny_checkpoint, img_size=0)
 
 
 def test_tiny_vit_checkpoints_are_built_for_the_size(tmp_path):
@@ -101,7 +101,7 @@ def test_tiny_vit_checkpoints_are_built_for_the_size(tmp_path):
                                              window_sizes=(4, 4, 4, 4), img_size=128, out_chans=32, num_classes=10),
                        prompt=TINY.prompt, decoder=TINY.decoder)
     path = save_model(build_sam(config), tmp_path / "tv.pth")
-    assert load_model_at(path, 256).img_size == 256
+    assert load_model(path, img_size=256).img_size == 256
 
 
 def test_train_and_eval_with_img_size(tiny_checkpoint, tmp_path, capsys):

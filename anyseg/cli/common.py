@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 # Used when --model is not given: the small built-in model, so every command runs offline.
 DEFAULT_MODEL = "nano"
@@ -31,7 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, 
     )
 
 
-def load_model_from_args(args: argparse.Namespace):
+def load_model_from_args(args: argparse.Namespace, *, img_size: Optional[int] = None):
+    """The model of ``--model`` on ``--device`` with ``--speed`` (and at ``img_size`` px when given)."""
     import torch
 
     from ..checkpoint import load_model
@@ -41,7 +42,7 @@ def load_model_from_args(args: argparse.Namespace):
         import sys
 
         print(f"anyseg: {NANO_NOTICE}", file=sys.stderr)
-    return load_model(args.model, device=device, speed=getattr(args, "speed", None))
+    return load_model(args.model, device=device, speed=getattr(args, "speed", None), img_size=img_size)
 
 
 def parse_numbers(text: str, counts: Tuple[int, ...], what: str) -> List[float]:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import NANO_NOTICE, add_model_arguments, load_model_from_args
+from .common import add_model_arguments, load_model_from_args
 
 DESCRIPTION = """\
 Measure how well a model segments the instances of a dataset from simulated prompts:
@@ -58,26 +58,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _load_model(args: argparse.Namespace):
-    """The model of ``--model``, at ``--img-size`` when given (same device and speed handling)."""
-    img_size = getattr(args, "img_size", None)
-    if img_size is None:
-        return load_model_from_args(args)
-    import torch
-
-    from ..speed import apply, resolve
-    from ..train.resolution import load_model_at
-
-    if str(args.model).strip().lower() == "nano":
-        print(f"anyseg: {NANO_NOTICE}", file=sys.stderr)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model_at(args.model, img_size, device=device)
-    speed = getattr(args, "speed", None)
-    if speed is not None:
-        apply(model, resolve(speed, model.device))
-    return model
-
-
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json_atomic
     from ..train.datasets import open_dataset
@@ -93,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size is not None and args.img_size < 1:
         raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     dataset = open_dataset(args.data, args.images)
-    model = _load_model(args)
+    model = load_model_from_args(args, img_size=args.img_size)
     cfg = EvalConfig(clicks=args.clicks, max_images=args.max_images, max_instances=args.max_instances,
                      feed_logits=not args.no_feed_logits, batch_size=args.batch_size, seed=args.seed)
     result = evaluate(model, dataset, cfg, progress=not args.quiet)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write, write_json_atomic
-from ..checkpoint import save_model
+from ..checkpoint import load_model, save_model
 from ..modeling.sam import Sam, build_sam
 from .cache import EmbeddingCache
 from .config import IDENTITY_FIELDS, TrainConfig
@@ -29,7 +29,6 @@ from .datasets import open_dataset, select_masks, to_model_frame
 from .interactive import run_interactive
 from .lora import apply_lora, merged_state_dict
 from .params import enable_gradient_checkpointing, param_groups, set_trainable
-from .resolution import load_model_at
 
 STATE_FORMAT = "anyseg-train-state"
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "focal", "dice", "iou_mse", "first_iou", "last_iou", "masks", "seconds")
@@ -58,7 +57,7 @@ def build_training_model(cfg: TrainConfig) -> Sam:
     """The model a run starts from: loaded checkpoint or a fresh ``arch`` (seeded init), with LoRA
     adapters in mode ``lora`` and the trainable set for the mode. Encoder BatchNorms stay in eval."""
     torch.manual_seed(cfg.seed)
-    model = load_model_at(cfg.model, cfg.img_size) if cfg.model else build_sam(cfg.sam_config())
+    model = load_model(cfg.model, img_size=cfg.img_size) if cfg.model else build_sam(cfg.sam_config())
     model.eval()  # no dropout in SAM; BatchNorm statistics (TinyViT) stay frozen
     if cfg.mode == "lora":
         apply_lora(model.image_encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)

@@ -8,24 +8,22 @@ attention itself resamples a table of the wrong length (linear, see
 :func:`anyseg.modeling.vit.relative_position_table`), so only the absolute table is an
 approximation (bicubic, antialiased when shrinking).
 
-The result is a normal checkpoint for the new size: :func:`anyseg.load_model` infers the size from
-the position table, so a model saved after training at 256 px loads at 256 px. The mask decoder
+``anyseg.load_model(path, img_size=...)`` applies it. The result is a normal checkpoint for the new
+size: :func:`anyseg.load_model` infers the size from the position table, so a model saved after
+training at 256 px loads at 256 px. The mask decoder
 has no size-dependent weights: at 256 px it runs on a 16 x 16 embedding grid (64 x 64 low-res
 masks), 16x less work than at 1024 px.
 
-TinyViT checkpoints have no position table; :func:`anyseg.load_model` takes their ``img_size``
-directly.
+TinyViT checkpoints have no position table; they are simply built for ``img_size``.
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional, Union
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import infer_config, load_model, model_from_state_dict, read_state_dict, with_image_size
-from ..modeling.sam import Sam
+from .checkpoint import infer_config
 
 ENC = "image_encoder."
 
@@ -64,29 +62,3 @@ def resize_state_dict(sd: Dict[str, torch.Tensor], img_size: int) -> Dict[str, t
                 key = f"{ENC}blocks.{i}.attn.rel_pos_{axis}"
                 out[key] = _resample_linear(sd[key], 2 * new - 1).contiguous()
     return out
-
-
-def load_model_at(path_or_name: Union[str, os.PathLike], img_size: Optional[int] = None,
-                  device: Union[str, torch.device, None] = None) -> Sam:
-    """:func:`anyseg.load_model`, optionally at another input size ``img_size`` (px, square frame).
-
-    ViT checkpoints get their position tables resampled (:func:`resize_state_dict`); TinyViT ones
-    are built for ``img_size`` directly. ``None`` or the checkpoint's own size loads it unchanged.
-    """
-    if img_size is None:
-        return load_model(path_or_name, device=device)
-    if img_size <= 0:
-        raise ValueError(f"img_size must be positive, got {img_size}")
-    from ..hub import resolve_checkpoint
-
-    path = resolve_checkpoint(path_or_name)
-    sd = read_state_dict(path)
-    if ENC + "pos_embed" not in sd:
-        return load_model(path, device=device, img_size=img_size)
-    resized = resize_state_dict(sd, img_size)
-    config = with_image_size(infer_config(sd), img_size)
-    model = model_from_state_dict(resized, config=config, source=f"{path} at {img_size} px")
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
