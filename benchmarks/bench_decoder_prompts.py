@@ -1,0 +1,86 @@
+"""Time per prompt of the two-way transformer: the faithful MaskDecoder against FastDecoder.
+
+This is the part of the mask decoder that segment-everything runs for every grid point (one click
+runs it once): prompt tokens + image embedding -> IoU predictions, mask tokens and image tokens.
+Upscaling and mask post-processing are not included: the faithful side is
+``MaskDecoder.transformer`` plus the IoU head, the fast side ``FastDecoder.tokens`` (which includes the
+IoU head). A random-weight SAM decoder (256 wide, 64 x 64 embedding grid, two prompt tokens per prompt
+as a grid point gives) is timed at several batch sizes.
+
+Prints a table: batch size, milliseconds per prompt (median of the repeats), speed-up.
+
+usage:
+  python benchmarks/bench_decoder_prompts.py [--batches 1,4,16,64] [--seconds 2] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+
+def _per_prompt_ms(fn, batch: int, seconds: float) -> float:
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0 / batch)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,4,16,64", help="comma-separated prompts per call")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time spent per row and path")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error("--batches must look like 1,4,16,64")
+    if any(b < 1 for b in batches):
+        parser.error("--batches must be positive")
+
+    import torch
+
+    from anyseg.config import MaskDecoderConfig
+    from anyseg.fast.decoder import FastDecoder
+    from anyseg.modeling.mask_decoder import MaskDecoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    decoder = MaskDecoder(MaskDecoderConfig()).eval()
+    embedding, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
+    no_mask = torch.randn(1, 256)
+    fast = FastDecoder(decoder, pe, no_mask)
+    rows = []
+    with torch.inference_mode():
+        fast.set_image(embedding)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).unsqueeze(0)
+        for b in batches:
+            sparse = torch.randn(b, 2, 256)
+            dense = no_mask.view(1, -1, 1, 1).expand(b, -1, 64, 64)
+            tokens_in = torch.cat([output_tokens.expand(b, -1, -1), sparse], dim=1)
+            pos = pe.expand(b, -1, -1, -1)
+
+            def faithful_step():
+                hs, _ = decoder.transformer(embedding + dense, pos, tokens_in)
+                return decoder.iou_prediction_head(hs[:, 0, :])
+
+            faithful = _per_prompt_ms(faithful_step, b, args.seconds)
+            tokens = _per_prompt_ms(lambda: fast.tokens(sparse), b, args.seconds)
+            rows.append((b, faithful, tokens))
+    print(f"\ntwo-way transformer per prompt, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print("| prompts per call | faithful transformer + IoU head (ms / prompt) | FastDecoder.tokens (ms / prompt) | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for b, faithful, tokens in rows:
+        print(f"| {b} | {faithful:.1f} | {tokens:.1f} | {faithful / tokens:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
