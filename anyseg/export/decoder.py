@@ -129,7 +129,6 @@ class SamOnnxDecoder(nn.Module):
         # The dense embedding always enters as a prompt (no per-image cache in a single-call graph).
         fast = FastDecoder(dec, self.dense_pe, self.prompt_encoder.no_mask_embed.weight)
         fast.set_image(image_embeddings, project=False).pe = self.pe_tokens
-        dense = dense.expand(image_embeddings.shape[0], -1, image_embeddings.shape[2], image_embeddings.shape[3])
         iou, mask_tokens, image_tokens = fast.tokens(sparse, dense)
         masks = fast.masks(mask_tokens, image_tokens, range(dec.num_mask_tokens))
         return masks, iou
