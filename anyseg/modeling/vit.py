@@ -83,13 +83,17 @@ class Attention(nn.Module):
         r_q = q.reshape(-1, h, w, d)
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h).reshape(-1, n, h, 1)
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, table_w).reshape(-1, n, 1, w)
-        out = torch.empty_like(q)
+        # SDPA's fused kernels take 4-D (batch, heads, tokens, dim) inputs only; 3-D ones fall back to
+        # the unfused math kernel on GPUs.
+        heads = self.num_heads
+        q4, k4, v4 = (t.view(-1, heads, n, d) for t in (q, k, v))
+        out = torch.empty_like(q4)
         for start in range(0, n, self.query_chunk):
             stop = min(n, start + self.query_chunk)
-            bias = (rel_h[:, start:stop] + rel_w[:, start:stop]).reshape(-1, stop - start, n)
-            out[:, start:stop] = F.scaled_dot_product_attention(q[:, start:stop], k, v, attn_mask=bias,
-                                                                scale=self.scale)
-        return out
+            bias = (rel_h[:, start:stop] + rel_w[:, start:stop]).reshape(-1, heads, stop - start, n)
+            out[:, :, start:stop] = F.scaled_dot_product_attention(q4[:, :, start:stop], k4, v4, attn_mask=bias,
+                                                                   scale=self.scale)
+        return out.view(-1, n, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -103,8 +107,11 @@ class Attention(nn.Module):
         bias = None
         if self.use_rel_pos:
             bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if self.fused:  # 4-D views (see _fused_chunked)
+            q4, k4, v4 = (t.view(b, self.num_heads, n, -1) for t in (q, k, v))
+            bias4 = None if bias is None else bias.view(b, self.num_heads, n, n)
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias4, scale=self.scale)
+            out = out.reshape(b * self.num_heads, n, -1)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
