@@ -45,7 +45,7 @@ from .masks import (
     uncrop_points,
 )
 from .predictor import SamPredictor
-from .speed import get_config
+from .speed import get_config, ieee_float32_method
 
 __all__ = ["MaskGenerator", "SamAutomaticMaskGenerator", "OUTPUT_MODES"]
 
@@ -223,6 +223,7 @@ class MaskGenerator:
 
     # ------------------------------------------------------------------------------------ public API
     @torch.inference_mode()
+    @ieee_float32_method
     def generate(self, image) -> List[Dict[str, Any]]:
         """Segment everything in an image.
 

@@ -73,6 +73,7 @@ class SamPredictor:
         self.set_torch_image(tensor, image.shape[:2])
 
     @torch.inference_mode()
+    @speed.ieee_float32_method
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
         """Encode a ``1 x 3 x h x w`` image already resized so its long side is the model's input size."""
         s = self.model.img_size
@@ -163,6 +164,7 @@ class SamPredictor:
         return check_mask_input(mask_input, self.model.prompt_encoder.mask_input_size[0])
 
     @torch.inference_mode()
+    @speed.ieee_float32_method
     def predict_torch(
         self,
         point_coords: Optional[torch.Tensor],

@@ -28,7 +28,9 @@ beside the model, in ``model.speed_runtime``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -36,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["SpeedConfig", "apply", "get_config", "cpu_capabilities", "encode", "encode_images"]
+__all__ = ["SpeedConfig", "apply", "get_config", "cpu_capabilities", "encode", "encode_images", "ieee_float32"]
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -64,6 +66,8 @@ class SpeedConfig:
         fast_decoder: :class:`anyseg.fast.FastDecoder` for prompts and segment-everything (lossless).
         fast_postprocess: one banded resampling from low-res logits to the original frame (lossless).
         encoder_dtype / decoder_dtype: None (float32), ``torch.bfloat16`` or ``torch.float16`` (autocast).
+        encoder_cast: run a copy of the image encoder whose weights are cast to ``encoder_dtype``
+            instead of autocasting (no per-call weight casts; layer norms run in that dtype too).
         int8_encoder: dynamically quantised int8 linear layers in the image encoder (CPU only).
         compile: ``torch.compile`` the image encoder (first call is slow); compile_mode is passed on.
         amg_points_per_batch: point prompts decoded together in segment-everything (None: the
@@ -80,6 +84,7 @@ class SpeedConfig:
     encoder_dtype: Optional[torch.dtype] = None
     decoder_dtype: Optional[torch.dtype] = None
     int8_encoder: bool = False
+    encoder_cast: bool = False
     compile: bool = False
     compile_mode: Optional[str] = None
     amg_points_per_batch: Optional[int] = None
@@ -91,6 +96,8 @@ class SpeedConfig:
         object.__setattr__(self, "decoder_dtype", _dtype(self.decoder_dtype))
         if self.amg_points_per_batch is not None and int(self.amg_points_per_batch) < 1:
             raise ValueError(f"amg_points_per_batch must be >= 1, got {self.amg_points_per_batch}")
+        if self.encoder_cast and (self.encoder_dtype is None or self.int8_encoder):
+            raise ValueError("encoder_cast needs encoder_dtype=torch.bfloat16 or torch.float16 (and no int8_encoder)")
         if int(self.encoder_batch_size) < 1:
             raise ValueError(f"encoder_batch_size must be >= 1, got {self.encoder_batch_size}")
 
@@ -108,16 +115,17 @@ class SpeedConfig:
 
     @classmethod
     def auto(cls, device: Union[str, torch.device, None] = None, **overrides: Any) -> "SpeedConfig":
-        """Sensible defaults for a device: the lossless paths everywhere; a bfloat16 encoder on GPUs and on CPUs
-        with native bfloat16 matrix units (AMX or AVX512-BF16); larger point batches and on-device
-        mask processing on GPUs. ``overrides`` replace single fields."""
+        """Sensible defaults for a device: the lossless paths everywhere; a float16 copy of the encoder on
+        GPUs, a bfloat16 encoder on CPUs with native bfloat16 matrix units (AMX or AVX512-BF16); larger
+        point batches and on-device mask processing on GPUs. ``overrides`` replace single fields."""
         device = torch.device(device if device is not None else "cpu")
         base = cls.lossless()
         if device.type == "cuda":
-            dt = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-            # The decoder stays float32: it is cheap on a GPU, and reduced precision there costs mask
+            # A float16 copy of the encoder: float16 keeps 3 more mantissa bits than bfloat16, which
+            # holds MobileSAM's masks at IoU >= 0.98 where bfloat16 does not (docs/speed.md). The
+            # decoder stays float32: it is cheap on a GPU, and reduced precision there costs mask
             # quality on small objects (measured on the golden checkpoints).
-            base = replace(base, encoder_dtype=dt, amg_points_per_batch=256,
+            base = replace(base, encoder_dtype=torch.float16, encoder_cast=True, amg_points_per_batch=256,
                            amg_device_masks=True, encoder_batch_size=4)
         elif device.type == "cpu" and cpu_capabilities()["bf16_matmul"]:
             base = replace(base, encoder_dtype=torch.bfloat16)
@@ -190,11 +198,51 @@ def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             encoder = quantize_dynamic(copy.deepcopy(encoder).float(), {torch.nn.Linear}, dtype=torch.qint8)
+    if config.encoder_cast:
+        encoder = copy.deepcopy(encoder).to(config.encoder_dtype)
     if config.compile:
         encoder = torch.compile(encoder, mode=config.compile_mode, dynamic=False)
     model.speed_config = None if config.is_faithful else config
     model.speed_runtime = None if config.is_faithful else SpeedRuntime(config, encoder)
     return model
+
+
+@contextlib.contextmanager
+def ieee_float32(device: Union[str, torch.device, None]):
+    """On CUDA, run float32 convolutions and matrix products in true float32 inside the block.
+
+    PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default, which moves MobileSAM's
+    masks by up to 0.5 % IoU. Reduced-precision fast paths (autocast to bfloat16 / float16) are not
+    affected. A no-op on other devices."""
+    if device is None or torch.device(device).type != "cuda":
+        yield
+        return
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is not None:  # torch >= 2.9: per-backend precision settings
+        matmul = torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.conv.fp32_precision = conv
+            torch.backends.cuda.matmul.fp32_precision = matmul
+    else:
+        conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
+def ieee_float32_method(method):
+    """Decorator: run a predictor / generator method under :func:`ieee_float32` for ``self.model``."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with ieee_float32(self.model.device):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def get_config(model: torch.nn.Module) -> Optional[SpeedConfig]:
@@ -213,17 +261,20 @@ def encode(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     (float32 unless the model's parameters are of another dtype)."""
     runtime = getattr(model, "speed_runtime", None)
     param_dtype = next(model.parameters()).dtype
-    if runtime is None:
-        return model.encode_image(x.to(param_dtype))
-    config = runtime.config
-    encoder = runtime.encoder
-    if config.int8_encoder:
-        x = x.float()
-    else:
-        x = x.to(param_dtype)
-    with _autocast(x.device, config.encoder_dtype):
-        out = encoder(x)
-    return out.to(param_dtype)
+    with ieee_float32(x.device):
+        if runtime is None:
+            return model.encode_image(x.to(param_dtype))
+        config = runtime.config
+        encoder = runtime.encoder
+        if config.int8_encoder:
+            x = x.float()
+        elif config.encoder_cast:
+            return encoder(x.to(config.encoder_dtype)).to(param_dtype)
+        else:
+            x = x.to(param_dtype)
+        with _autocast(x.device, config.encoder_dtype):
+            out = encoder(x)
+        return out.to(param_dtype)
 
 
 def decoder_autocast(model: torch.nn.Module):

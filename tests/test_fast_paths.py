@@ -254,3 +254,42 @@ def test_load_model_speed_presets(golden_dir, manifest):
         assert torch.equal(a, b), "fast paths never change the weights"
     with pytest.raises(ValueError, match="faithful, lossless, auto"):
         anyseg.load_model(path, speed="turbo")
+
+
+def test_ieee_float32_turns_tf32_off_on_cuda_only_and_restores():
+    from anyseg.speed import ieee_float32
+
+    conv = torch.backends.cudnn.conv.fp32_precision
+    matmul = torch.backends.cuda.matmul.fp32_precision
+    with ieee_float32("cpu"):
+        assert torch.backends.cudnn.conv.fp32_precision == conv
+    with ieee_float32("cuda"):  # only backend flags: runs without a GPU too
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == conv
+    assert torch.backends.cuda.matmul.fp32_precision == matmul
+    with pytest.raises(RuntimeError, match="inside"):
+        with ieee_float32("cuda"):
+            raise RuntimeError("inside")
+    assert torch.backends.cudnn.conv.fp32_precision == conv
+
+
+def test_encoder_cast_runs_a_reduced_precision_copy(manifest, golden_dir, images_dir):
+    from anyseg.fast.quality import predictor_quality
+
+    with pytest.raises(ValueError, match="encoder_cast needs encoder_dtype"):
+        SpeedConfig(encoder_cast=True)
+    entry = manifest["vit_small"]
+    model = anyseg.load_model(golden_dir / entry["checkpoint"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = SpeedConfig.lossless(encoder_dtype=torch.bfloat16, encoder_cast=True)
+    apply(model, config)
+    runtime_dtypes = {p.dtype for p in model.speed_runtime.encoder.parameters()}
+    assert runtime_dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the model itself stays float32"
+    image = anyseg.load_image(images_dir / "dog.jpg")
+    cases = predictor_cases(entry, "dog.jpg")[:3]
+    q = predictor_quality(model, config, [image], [cases])
+    assert q["min_iou"] >= 0.98, q
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
