@@ -24,7 +24,9 @@ examples:
   anyseg bench --json bench.json --markdown bench.md --note "quiet machine"
   python benchmarks/bench_speed.py --quick"""
 
-TASK_CHOICES = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
+TASK_CHOICES = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality",
+                "encode_vit_h", "encode_vit_l")
+DEFAULT_TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
 
 
 def register(subparsers) -> None:
@@ -37,8 +39,8 @@ def register(subparsers) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats, 16 x 16 segment-everything grid, one quality image")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_CHOICES, default=list(TASK_CHOICES), metavar="TASK",
-                        help=f"rows to run (default all): {', '.join(TASK_CHOICES)}")
+    parser.add_argument("--tasks", nargs="+", choices=TASK_CHOICES, default=list(DEFAULT_TASKS), metavar="TASK",
+                        help=f"rows to run: {', '.join(TASK_CHOICES)} (default: all but encode_vit_h / _l)")
     parser.add_argument("--device", action="append", default=None, metavar="DEV",
                         help="cpu and/or cuda (repeatable; default cpu, plus cuda when available)")
     parser.add_argument("--image", default=None, metavar="PATH",
@@ -47,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference data folder with golden/ and images/ (default $ANYSEG_SHARED)")
     parser.add_argument("--amg-side", type=int, default=None, metavar="N",
                         help="points per side for the segment-everything row (default 32, 16 with --quick)")
+    parser.add_argument("--encode-batch", type=int, default=None, metavar="B",
+                        help="time the encoder alone on B preprocessed images at once (default 1 on a CPU: "
+                             "set_image per image; 8 on a GPU)")
+    parser.add_argument("--amg-model", default=None, choices=("vit_t", "vit_b", "vit_l", "vit_h"),
+                        help="model of the segment-everything rows (default vit_t on a CPU, vit_h on a GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a 'compiled' config: auto + torch.compile of the image encoder")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="NAME",
+                        help="only these configurations (faithful, lossless, int8, bf16, fp16, auto, compiled; "
+                             "which exist depends on the device)")
     parser.add_argument("--all-dtypes", action="store_true",
                         help="also time bf16 on CPUs without native bf16 (slow there; useful for quality)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -67,10 +79,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.amg_side is not None and args.amg_side < 1:
         raise ValueError(f"--amg-side must be >= 1, got {args.amg_side}")
+    if args.encode_batch is not None and args.encode_batch < 1:
+        raise ValueError(f"--encode-batch must be >= 1, got {args.encode_batch}")
     shared = Path(args.shared) if args.shared else None
     out = run_benchmark(tasks=args.tasks, quick=args.quick, devices=args.device,
                         image_path=Path(args.image) if args.image else None, shared=shared,
                         all_dtypes=args.all_dtypes, amg_side=args.amg_side, note=args.note,
+                        encode_batch=args.encode_batch, amg_model=args.amg_model, compile=args.compile,
+                        only_configs=args.configs,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     text = "\n\n".join(r["markdown"] for r in out["results"])
     print(text)

@@ -28,6 +28,8 @@ import torch
 from ..speed import SpeedConfig, apply, cpu_capabilities
 
 TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
+# Not in the default set (slow on a CPU): the ViT-H encoder, and ViT-L.
+EXTRA_TASKS = ("encode_vit_h", "encode_vit_l")
 
 
 def _rss_bytes() -> int:
@@ -74,6 +76,7 @@ class PeakMemory:
 
 
 def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Dict[str, float]:
+    fn = torch.inference_mode()(fn)  # as the predictor runs: no autograd graph, no saved activations
     for _ in range(warmup):
         fn()
     best = None
@@ -91,17 +94,22 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return {"wall": best[0], "cpu": best[1], "peak_bytes": mem.peak}
 
 
-def speed_configs(device: torch.device, all_dtypes: bool = False) -> Dict[str, SpeedConfig]:
-    """The configurations benchmarked on ``device`` (name -> config)."""
+def speed_configs(device: torch.device, all_dtypes: bool = False, compile: bool = False) -> Dict[str, SpeedConfig]:
+    """The configurations benchmarked on ``device`` (name -> config); ``compile`` adds ``auto`` with
+    ``torch.compile`` of the image encoder."""
     configs = {"faithful": SpeedConfig.faithful(), "lossless": SpeedConfig.lossless()}
     if device.type == "cpu":
         configs["int8"] = SpeedConfig.lossless(int8_encoder=True)
         if all_dtypes or cpu_capabilities()["bf16_matmul"]:
             configs["bf16"] = SpeedConfig.lossless(encoder_dtype=torch.bfloat16)
     else:
-        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        configs["bf16" if dt == torch.bfloat16 else "fp16"] = SpeedConfig.lossless(encoder_dtype=dt, decoder_dtype=dt)
+        if torch.cuda.is_bf16_supported():
+            configs["bf16"] = SpeedConfig.lossless(encoder_dtype=torch.bfloat16, decoder_dtype=torch.bfloat16)
+        configs["fp16"] = SpeedConfig.lossless(encoder_dtype=torch.float16)
+
     configs["auto"] = SpeedConfig.auto(device)
+    if compile:
+        configs["compiled"] = SpeedConfig.auto(device, compile=True)
     return configs
 
 
@@ -127,11 +135,35 @@ def machine_description(device: torch.device) -> str:
     return text
 
 
+def _preprocessed(model, image: np.ndarray) -> torch.Tensor:
+    """``image`` resized, normalised and padded as the predictor does: ``1 x 3 x S x S`` on the model's device."""
+    from PIL import Image
+
+    from ..geometry import resized_shape
+
+    h, w = resized_shape(image.shape[0], image.shape[1], model.img_size)
+    resized = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    t = torch.as_tensor(resized, device=model.device).permute(2, 0, 1)[None].float()
+    return model.preprocess(t)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, configs: Dict[str, SpeedConfig],
-              amg_side: Optional[int] = None, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """Time every task x config; returns one row dict per measurement."""
+              amg_side: Optional[int] = None, log: Callable[[str], None] = print, encode_batch: int = 1,
+              amg_model: str = "vit_t", failures: Optional[List[Dict[str, str]]] = None) -> List[Dict[str, Any]]:
+    """Time every task x config; returns one row dict per measurement. A task that raises is logged,
+    appended to ``failures`` and skipped.
+
+    ``encode_batch`` > 1 times the encoder alone on that many preprocessed images at once;
+    ``amg_model`` is the (randomly initialised) variant used by the segment-everything rows."""
     from ..automatic import MaskGenerator
     from ..predictor import SamPredictor
+    from ..speed import encode
 
     rows: List[Dict[str, Any]] = []
     models: Dict[str, Any] = {}
@@ -149,16 +181,39 @@ def run_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, confi
         rows.append(row)
         log(f"  {task:<16} {name:<9} wall {row['wall']:.3f}s cpu {row['cpu']:.3f}s x{row['speedup']:.2f}")
 
-    for task in tasks:
-        if task.startswith("encode_"):
+    failures = [] if failures is None else failures
+
+    def run_task(task: str) -> None:
+        if task.startswith("encode_") and encode_batch > 1:
+            # The encoder alone on a batch of preprocessed images (the same image repeated); per-image
+            # throughput. Resizing on the CPU is left out: it is per image and does not batch.
+            variant = task.split("_", 1)[1]
+            m = model(variant)
+            x = _preprocessed(m, image).expand(encode_batch, -1, -1, -1).contiguous()
+            for name, cfg in configs.items():
+                apply(m, cfg)
+                reps = 1 if quick else 5
+                if name == "faithful":  # the reference's setting: one image at a time
+                    fn = lambda: [encode(m, x[i : i + 1]) for i in range(encode_batch)]  # noqa: E731
+                else:
+                    fn = lambda: encode(m, x)  # noqa: E731
+                res = _time(fn, device, reps, 3 if cfg.compile else 1)
+                add(f"{task}_batch{encode_batch}", name, res, encode_batch, "img/s")
+                rows[-1]["per_image_ms"] = 1000 * res["wall"] / encode_batch
+            apply(m, SpeedConfig.faithful())
+            del models[variant]
+            _release(device)
+        elif task.startswith("encode_"):
             variant = task.split("_", 1)[1]
             for name, cfg in configs.items():
                 m = apply(model(variant), cfg)
                 p = SamPredictor(m)
-                slow = name == "faithful" and variant == "vit_b"
+                slow = name == "faithful" and variant in ("vit_b", "vit_l", "vit_h") and device.type == "cpu"
                 reps = 1 if quick or slow else 3
                 warm = 2 if cfg.compile else 1
                 add(task, name, _time(lambda: p.set_image(image), device, reps, warm), 1.0, "img/s")
+            del models[variant]
+            _release(device)
         elif task == "click":
             m = model("vit_t")
             for name, cfg in configs.items():
@@ -169,7 +224,7 @@ def run_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, confi
                 add(task, name, _time(lambda: p.predict(pt, lb, multimask_output=True), device,
                                       10 if quick else 30, 3), 1.0, "click/s")
         elif task in ("amg", "amg_keepall"):
-            m = model("vit_t")
+            m = model(amg_model)
             side = amg_side or (16 if quick else 32)
             if task == "amg_keepall":
                 side = max(4, side // 2)
@@ -180,21 +235,37 @@ def run_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, confi
                 apply(m, cfg)
                 gen = MaskGenerator(m, output_mode="uncompressed_rle", **params)
                 out: List[int] = []
-                res = _time(lambda: out.append(len(gen.generate(image))), device, 1, 0)
-                add(f"{task}_{side}x{side}", name, res, side * side, "points/s")
+                # On a GPU the first call pays for kernel selection and (compiled) graph building.
+                warm = 1 if device.type == "cuda" or cfg.compile else 0
+                res = _time(lambda: out.append(len(gen.generate(image))), device, 1 if quick else 2, warm)
+                label = f"{task}_{side}x{side}" + ("" if amg_model == "vit_t" else f"_{amg_model}")
+                add(label, name, res, side * side, "points/s")
                 rows[-1]["n_masks"] = out[-1]
                 gc.collect()
+
+    for task in tasks:
+        try:
+            run_task(task)
+        except Exception as exc:  # one broken row must not lose the others
+            import traceback
+
+            log(f"  {task}: FAILED ({type(exc).__name__}: {exc})")
+            log(traceback.format_exc())
+            failures.append({"task": task, "error": f"{type(exc).__name__}: {exc}"})
+            models.clear()
+            _release(device)
     return rows
 
 
 def run_quality(shared: Path, configs: Dict[str, SpeedConfig], quick: bool,
-                log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """Fast-vs-faithful quality on the golden checkpoints (CPU)."""
+                log: Callable[[str], None] = print, device: torch.device = torch.device("cpu")) -> List[Dict[str, Any]]:
+    """Fast-vs-faithful quality on the golden checkpoints: fast paths on ``device``, the faithful
+    float32 reference on the CPU."""
     import json
 
     from ..checkpoint import load_model
     from ..imageio import load_image
-    from .quality import amg_quality, predictor_cases, predictor_quality
+    from .quality import amg_quality, faithful_amg, predictor_cases, predictor_quality
 
     manifest = json.loads((shared / "golden" / "manifest.json").read_text())
     images = ["dog.jpg"] if quick else ["truck.jpg", "dog.jpg"]
@@ -202,15 +273,18 @@ def run_quality(shared: Path, configs: Dict[str, SpeedConfig], quick: bool,
     for model_name in ("mobilesam", "vit_small"):
         entry = manifest[model_name]
         m = load_model(shared / "golden" / entry["checkpoint"], device="cpu")
+        fast_model = m if device.type == "cpu" else load_model(shared / "golden" / entry["checkpoint"], device=device)
         imgs = [load_image(shared / "images" / i) for i in images]
         cases = [predictor_cases(entry, i) for i in images]
         amg_image = load_image(shared / "images" / "groceries.jpg")
         amg_params = entry["amg"][0]["params"]
+        amg_reference = faithful_amg(m, amg_image, amg_params)
         for name, cfg in configs.items():
-            if name == "faithful" or cfg.compile:
+            if (name == "faithful" and device.type == "cpu") or cfg.compile:
                 continue
-            pq = predictor_quality(m, cfg, imgs, cases)
-            aq = amg_quality(m, cfg, amg_image, amg_params)
+            reference = None if fast_model is m else m
+            pq = predictor_quality(fast_model, cfg, imgs, cases, reference=reference)
+            aq = amg_quality(fast_model, cfg, amg_image, amg_params, reference_records=amg_reference)
             rows.append({"model": model_name, "config": name, "min_mask_iou": pq["min_iou"],
                          "worst_case": min(pq["per_case"], key=pq["per_case"].get),
                          "max_score_err": pq["max_score_err"], **aq})
@@ -228,11 +302,15 @@ def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: Lis
     lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['device']}).", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
+    for failure in meta.get("failures", []):
+        lines += [f"**{failure['task']} failed**: {failure['error']}", ""]
     mem = "peak CUDA alloc (MB)" if meta["device"].startswith("cuda") else "peak RSS (MB)"
     lines += [f"| task | config | wall (s) | CPU (s) | speedup | throughput | {mem} | fast paths |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         extra = f" ({r['n_masks']} masks)" if "n_masks" in r else ""
+        if "per_image_ms" in r:
+            extra = f" ({r['per_image_ms']:.1f} ms/img)"
         lines.append(f"| {r['task']}{extra} | {r['config']} | {r['wall']:.3f} | {r['cpu']:.3f} | "
                      f"{r['speedup']:.2f}x | {r['throughput']:.2f} {r['unit']} | {_mb(r['peak_bytes'])} | {r['describe']} |")
     if quality:
@@ -248,8 +326,13 @@ def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: Lis
 
 def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]] = None,
                   image_path: Optional[Path] = None, shared: Optional[Path] = None, all_dtypes: bool = False,
-                  amg_side: Optional[int] = None, note: str = "", log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the benchmark and return ``{"meta", "rows", "quality", "markdown"}`` per device."""
+                  amg_side: Optional[int] = None, note: str = "", log: Callable[[str], None] = print,
+                  encode_batch: Optional[int] = None, amg_model: Optional[str] = None,
+                  compile: bool = False, only_configs: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the benchmark and return ``{"meta", "rows", "quality", "markdown"}`` per device.
+
+    ``encode_batch`` / ``amg_model`` default to 1 / ``vit_t`` on a CPU and 8 / ``vit_h`` on a GPU (the
+    settings of the reference measurements)."""
     from ..imageio import load_image
 
     if devices is None:
@@ -266,19 +349,30 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
         device = torch.device(dev)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but CUDA is not available")
-        configs = speed_configs(device, all_dtypes)
+        configs = speed_configs(device, all_dtypes, compile)
+        if only_configs:
+            unknown = sorted(set(only_configs) - set(configs))
+            if unknown:
+                raise ValueError(f"unknown config(s) {', '.join(unknown)} on {device}; expected some of "
+                                 f"{', '.join(configs)}")
+            configs = {k: v for k, v in configs.items() if k in only_configs}
+        gpu = device.type == "cuda"
+        batch = encode_batch or (8 if gpu else 1)
+        amg_variant = amg_model or ("vit_h" if gpu else "vit_t")
         meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_description(device),
                 "device": str(device), "quick": quick, "note": note,
                 "image": f"{image.shape[1]}x{image.shape[0]}"}
         log(f"== {meta['machine']} [{dev}]")
         speed_tasks = [t for t in tasks if t != "quality"]
-        rows = run_speed(device, speed_tasks, quick, image, configs, amg_side, log)
+        failures: List[Dict[str, str]] = []
+        rows = run_speed(device, speed_tasks, quick, image, configs, amg_side, log, batch, amg_variant, failures)
         quality = []
-        if "quality" in tasks and device.type == "cpu":
+        if "quality" in tasks:
             if shared is None or not (shared / "golden" / "manifest.json").exists():
                 log("  quality skipped: golden data not found (set ANYSEG_SHARED or --shared)")
             else:
-                quality = run_quality(shared, configs, quick, log)
+                quality = run_quality(shared, configs, quick, log, device)
+        meta["failures"] = failures
         results.append({"meta": meta, "rows": rows, "quality": quality,
                         "markdown": format_tables(meta, rows, quality)})
     return {"results": results}

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,21 +40,25 @@ def predictor_cases(manifest_entry: Dict[str, Any], image: str) -> List[Dict[str
     return cases
 
 
-def predictor_quality(model, config, images: Sequence[np.ndarray], cases_per_image: Sequence[List[Dict]]) -> Dict:
+def predictor_quality(model, config, images: Sequence[np.ndarray], cases_per_image: Sequence[List[Dict]],
+                      reference=None) -> Dict:
     """Min mask IoU (fast vs faithful) per case over ``images``; the model ends in the faithful state.
 
+    ``reference``: another copy of the model whose faithful outputs are the reference (e.g. on the CPU
+    when ``model`` is on a GPU, where float32 convolutions may use TF32); default ``model`` itself.
     Returns ``{"min_iou": float, "per_case": {name: min IoU}, "max_score_err": float}``.
     """
     from ..predictor import SamPredictor
     from ..speed import SpeedConfig, apply
 
     predictor = SamPredictor(model)
+    ref_predictor = predictor if reference is None else SamPredictor(reference)
     per_case: Dict[str, float] = {}
     score_err = 0.0
     for image, cases in zip(images, cases_per_image):
-        apply(model, SpeedConfig.faithful())
-        predictor.set_image(image)
-        ref = [predictor.predict(**c["kwargs"]) for c in cases]
+        apply(ref_predictor.model, SpeedConfig.faithful())
+        ref_predictor.set_image(image)
+        ref = [ref_predictor.predict(**c["kwargs"]) for c in cases]
         apply(model, config)
         predictor.set_image(image)
         for case, (masks0, scores0, _) in zip(cases, ref):
@@ -93,15 +97,28 @@ def match_records(a: Sequence[Dict[str, Any]], b: Sequence[Dict[str, Any]], thre
             "n_a": len(a), "n_b": len(b)}
 
 
-def amg_quality(model, config, image: np.ndarray, params: Dict[str, Any]) -> Dict[str, float]:
-    """Segment ``image`` with the faithful path and with ``config`` (same generator parameters) and
-    match the records both ways (see :func:`match_records`). The model ends in the faithful state."""
+def faithful_amg(model, image: np.ndarray, params: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Segment-everything records of the faithful path (uncompressed RLE); the model ends faithful."""
+    from ..automatic import MaskGenerator
+    from ..speed import SpeedConfig, apply
+
+    apply(model, SpeedConfig.faithful())
+    return MaskGenerator(model, **dict(params, output_mode="uncompressed_rle")).generate(image)
+
+
+def amg_quality(model, config, image: np.ndarray, params: Dict[str, Any], reference=None,
+                reference_records: Optional[List[Dict[str, Any]]] = None) -> Dict[str, float]:
+    """Segment ``image`` with the faithful path (of ``reference`` if given, see :func:`predictor_quality`;
+    or take its ``reference_records`` from :func:`faithful_amg`) and with ``config`` (same generator
+    parameters) and match the records both ways (see :func:`match_records`). The model ends in the
+    faithful state."""
     from ..automatic import MaskGenerator
     from ..speed import SpeedConfig, apply
 
     params = dict(params, output_mode="uncompressed_rle")
-    apply(model, SpeedConfig.faithful())
-    ref = MaskGenerator(model, **params).generate(image)
+    ref = reference_records
+    if ref is None:
+        ref = faithful_amg(model if reference is None else reference, image, params)
     apply(model, config)
     try:
         fast = MaskGenerator(model, **params).generate(image)

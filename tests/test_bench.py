@@ -1,0 +1,34 @@
+"""``anyseg bench`` pieces that run on a CPU: batched-encoder rows, config selection, failure handling."""
+import pytest
+import torch
+
+from anyseg.fast.benchmark import run_benchmark, speed_configs
+
+
+def test_batched_encoder_rows_report_per_image_time():
+    out = run_benchmark(tasks=["encode_vit_t"], quick=True, devices=["cpu"], encode_batch=2,
+                        only_configs=["lossless"], log=lambda s: None)
+    (result,) = out["results"]
+    (row,) = result["rows"]
+    assert row["task"] == "encode_vit_t_batch2" and row["config"] == "lossless"
+    assert row["per_image_ms"] == pytest.approx(1000 * row["wall"] / 2)
+    assert row["throughput"] == pytest.approx(2 / row["wall"])
+    assert "ms/img" in result["markdown"]
+
+
+def test_unknown_config_names_are_refused():
+    with pytest.raises(ValueError, match="unknown config.*turbo.*expected some of faithful"):
+        run_benchmark(tasks=["click"], devices=["cpu"], only_configs=["turbo"], log=lambda s: None)
+
+
+def test_a_failing_task_is_reported_and_the_others_still_run():
+    logs = []
+    out = run_benchmark(tasks=["amg", "click"], quick=True, devices=["cpu"], amg_model="no_such_model",
+                        only_configs=["lossless"], log=logs.append)
+    (result,) = out["results"]
+    assert [r["task"] for r in result["rows"]] == ["click"]
+    (failure,) = result["meta"]["failures"]
+    assert failure["task"] == "amg" and "no_such_model" in failure["error"]
+    assert "**amg failed**" in result["markdown"]
+    assert any("FAILED" in line for line in logs)
+
