@@ -193,3 +193,17 @@ def test_config_validation_messages(tmp_path):
         _cfg(tmp_path, mode="partial").validate()
     with pytest.raises(ValueError, match="hflip"):
         _cfg(tmp_path, mode="decoder", hflip=True).validate()
+
+
+def test_worker_processes_give_the_same_run(tmp_path):
+    # --workers reads the next steps' samples in other processes; the samples (and so the run) are the same.
+    inline = Trainer(_cfg(tmp_path / "a", mode="full", threads=1), progress=False, log=lambda m: None)
+    inline.fit()
+    pooled = Trainer(_cfg(tmp_path / "b", mode="full", threads=1, workers=2), progress=False, log=lambda m: None)
+    pooled.fit()
+    assert pooled._pool is None, "the worker pool is shut down when the run ends"
+    a = inline.model.state_dict()
+    for k, v in pooled.model.state_dict().items():
+        assert torch.equal(v, a[k]), k
+    with pytest.raises(ValueError, match="--workers must be >= 0"):
+        Trainer(_cfg(tmp_path / "c", workers=-1), progress=False)

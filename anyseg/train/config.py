@@ -93,6 +93,7 @@ class TrainConfig(InteractiveConfig):
     device: str = "auto"
     seed: int = 0
     threads: int = 0
+    workers: int = 0
     save_every: int = 100
     cache_dir: Optional[str] = None
     cache_dtype: str = "float16"
@@ -118,6 +119,8 @@ class TrainConfig(InteractiveConfig):
             raise ValueError(f"--loss-res must be 'input' or 'low', got {self.loss_res!r}")
         if self.cache_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"--cache-dtype must be float16, bfloat16 or float32, got {self.cache_dtype!r}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
         for name in ("steps", "batch_size", "masks_per_image", "save_every", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -196,6 +199,8 @@ HELP = {
     "device": "auto, cpu, cuda, cuda:1, ...",
     "seed": "seed for the model init, data order and prompt simulation",
     "threads": "torch CPU threads (0 = leave as is)",
+    "workers": "processes that read / generate the next steps' images ahead of the GPU (0 = in the "
+               "training process); results do not depend on it",
     "save_every": "write the resumable checkpoint every N steps",
     "cache_dir": "where decoder mode caches image embeddings (default OUTPUT/cache)",
     "cache_dtype": "storage dtype of cached embeddings: float16 (default), bfloat16, float32",

@@ -42,10 +42,16 @@ def uniform_cell(region: torch.Tensor, generator: torch.Generator) -> Tuple[torc
     its row/col are then 0)."""
     b = region.shape[0]
     flat = region.reshape(b, -1)
-    # argmax of uniform noise restricted to the region picks each of its cells with equal chance
-    noise = torch.rand(flat.shape, generator=generator).to(flat.device)
-    idx = torch.where(flat, noise + 1.0, torch.zeros_like(noise)).argmax(dim=1)
-    found = flat.any(dim=1)
+    # The k-th cell of the region (in raster order) for k uniform in [0, count): one random number
+    # per region, drawn on the CPU generator (reproducible on any device), then found on the
+    # region's device through the running count of its cells.
+    running = flat.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
+    count = running[:, -1].to(torch.float64)
+    u = torch.rand(b, generator=generator, dtype=torch.float64).to(flat.device)
+    k = torch.minimum((u * count).floor(), (count - 1).clamp(min=0)).to(torch.int32)
+    idx = torch.searchsorted(running, (k + 1)[:, None]).squeeze(1)
+    found = count > 0
+    idx = torch.where(found, idx, torch.zeros_like(idx))
     w = region.shape[-1]
     return torch.stack([idx // w, idx % w], dim=1), found
 

@@ -140,6 +140,39 @@ class Trainer:
                                     autocast=self.autocast)
         self.cache.build(progress=self.progress)
 
+    # ---------------------------------------------------------------------------------- samples
+    # With --workers N, a process pool reads / generates the samples of the next steps while the
+    # current one trains; a sample depends only on its index, so results are the same either way.
+    PREFETCH_STEPS = 2
+
+    def _sample(self, step: int, index: int):
+        pool = getattr(self, "_pool", None)
+        if pool is None:
+            return self.dataset[index]
+        for ahead in range(step, min(self.cfg.steps, step + 1 + self.PREFETCH_STEPS)):
+            for i in self.batch_indices(ahead):
+                if (ahead, i) not in self._pending:
+                    self._pending[(ahead, i)] = pool.submit(_load_sample, self.dataset, i)
+        for key in [k for k in self._pending if k[0] < step]:
+            self._pending.pop(key).cancel()
+        future = self._pending.pop((step, index), None)
+        return future.result() if future is not None else self.dataset[index]
+
+    def _start_workers(self) -> None:
+        if self.cfg.workers > 0 and getattr(self, "_pool", None) is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the workers never touch CUDA or torch's thread pools of this process
+            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pending: Dict = {}
+
+    def _stop_workers(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     # -------------------------------------------------------------------------------------- step
     def train_step(self, step: int) -> Dict[str, float]:
         """One optimiser step; returns the logged values."""
@@ -148,7 +181,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 2]).integers(2**62)))
         images, gts, valids, sizes, owners, cached = [], [], [], [], [], []
         for i in self.batch_indices(step):
-            sample = self.dataset[i]
+            sample = self._sample(step, i)
             flip = bool(cfg.hflip and rng.uniform() < 0.5)
             frame = to_model_frame(sample, self.img_size, flip=flip)
             valid = torch.zeros(1, self.img_size, self.img_size, dtype=torch.bool)
@@ -211,6 +244,7 @@ class Trainer:
 
             bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         last: Dict[str, float] = {}
+        self._start_workers()
         try:
             with open(log_path, "a", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
@@ -233,6 +267,7 @@ class Trainer:
                     if self.step % self.cfg.save_every == 0 or self.step == end:
                         self.save_state()
         finally:
+            self._stop_workers()
             if bar is not None:
                 bar.close()
             if self._tb is not None:
@@ -310,3 +345,8 @@ def _fmt(value):
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+def _load_sample(dataset, index: int):
+    """``dataset[index]`` in a worker process (a module-level function, so that it pickles)."""
+    return dataset[index]
