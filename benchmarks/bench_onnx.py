@@ -1,4 +1,4 @@
-"""CPU latency of the ONNX graphs (float32 and int8) next to the faithful torch path.
+"""CPU latency of the ONNX graphs (float32, int8 weights, int8 dynamic) next to the faithful torch path.
 
 Times, on one image (default: the golden MobileSAM checkpoint on dog.jpg, 800 x 534):
   encoder  set_image: PIL resize + normalise/pad + image encoder  -> 1 x 256 x 64 x 64
@@ -8,7 +8,7 @@ wall-clock on whatever else the machine is doing; run it on an idle machine for 
 
 usage:
   ANYSEG_SHARED=../shared python benchmarks/bench_onnx.py [--checkpoint PATH] [--image PATH]
-      [--threads N] [--encoder-repeats 5] [--decoder-repeats 30] [--workdir DIR]
+      [--threads N] [--encoder-repeats 5] [--decoder-repeats 30] [--workdir DIR] [--keep-float PART]
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder-repeats", type=int, default=5)
     parser.add_argument("--decoder-repeats", type=int, default=30)
     parser.add_argument("--workdir", default=None, help="where to write the graphs (default: a temp dir)")
+    parser.add_argument("--keep-float", action="append", default=["image_encoder/layers.3/"], metavar="PART",
+                        help="encoder linear layers kept float32 in the int8-weights graph (default: MobileSAM's "
+                             "last stage, image_encoder/layers.3/; ignored when nothing matches)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -73,8 +76,13 @@ def main(argv=None) -> int:
     print(f"exporting to {work} ...", file=sys.stderr)
     dec = export_decoder(model, work / "decoder.onnx")
     enc = export_encoder(model, work / "encoder.onnx")
+    from anyseg.export.quantize import linear_layer_names
+
+    keep = [part for part in args.keep_float if any(part in n for n in linear_layer_names(enc))]
     dec_q = quantize(dec, work / "decoder.int8.onnx")
-    enc_q = quantize(enc, work / "encoder.int8.onnx")
+    enc_q = quantize(enc, work / "encoder.int8.onnx", keep_float=keep)
+    dec_dq = quantize(dec, work / "decoder.dyn.onnx", method="dynamic")
+    enc_dq = quantize(enc, work / "encoder.dyn.onnx", method="dynamic")
 
     rows = []
     torch_pred = anyseg.SamPredictor(model)
@@ -82,7 +90,8 @@ def main(argv=None) -> int:
     torch_pred.set_image(image)
     rows.append(("torch fp32 (faithful)", "decoder",
                  *_timeit(lambda: torch_pred.predict(point, label), args.decoder_repeats), None))
-    for label_name, e, d in (("onnxruntime fp32", enc, dec), ("onnxruntime int8", enc_q, dec_q)):
+    for label_name, e, d in (("onnxruntime fp32", enc, dec), ("onnxruntime int8 weights", enc_q, dec_q),
+                             ("onnxruntime int8 dynamic", enc_dq, dec_dq)):
         pred = OnnxPredictor(e, d, providers=["CPUExecutionProvider"], sess_options=opts)
         rows.append((label_name, "encoder", *_timeit(lambda p=pred: p.set_image(image), args.encoder_repeats),
                      _size_mb(e)))
@@ -92,10 +101,12 @@ def main(argv=None) -> int:
 
     print(f"\n{Path(args.checkpoint).name}, image {image.shape[1]}x{image.shape[0]}, {threads} thread(s), "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}")
-    print(f"{'path':<24}{'part':<10}{'median ms':>11}{'best ms':>10}{'file MB':>10}")
+    if keep:
+        print(f"int8 weights encoder: linear layers matching {', '.join(keep)} kept in float32")
+    print(f"{'path':<28}{'part':<10}{'median ms':>11}{'best ms':>10}{'file MB':>10}")
     for name, part, median, best, size in rows:
         size_text = f"{size:10.1f}" if size is not None else f"{'-':>10}"
-        print(f"{name:<24}{part:<10}{median:11.1f}{best:10.1f}{size_text}")
+        print(f"{name:<28}{part:<10}{median:11.1f}{best:10.1f}{size_text}")
     if tmp is not None:
         tmp.cleanup()
     return 0

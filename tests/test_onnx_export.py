@@ -92,6 +92,9 @@ def predictor_with_embedding(model, embedding, original_size):
     return predictor
 
 
+KEEP_FLOAT = {"mobilesam": ("image_encoder/layers.3/",)}
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def setup(request, manifest, golden_dir, images_dir, tmp_path_factory):
     """Per model: exported graphs (decoder fp32 / int8, encoder fp32 / int8) and a torch predictor
@@ -104,7 +107,13 @@ def setup(request, manifest, golden_dir, images_dir, tmp_path_factory):
     # vit_small goes through the external-data path that ViT-L/H need, mobilesam through the plain one.
     paths["encoder"] = export_encoder(model, out / "encoder.onnx", external_data=(name == "vit_small"))
     paths["decoder_int8"] = quantize(paths["decoder"], out / "decoder.int8.onnx")
-    paths["encoder_int8"] = quantize(paths["encoder"], out / "encoder.int8.onnx")
+    # MobileSAM's masks are sensitive to its last TinyViT stage (measured: min mask IoU 0.879 with it
+    # quantized, 0.988 without); docs/onnx.md has both.
+    keep = KEEP_FLOAT.get(name, ())
+    paths["encoder_int8"] = quantize(paths["encoder"], out / "encoder.int8.onnx", keep_float=keep)
+    paths["encoder_int8_all"] = quantize(paths["encoder"], out / "encoder.int8-all.onnx") if keep else None
+    paths["decoder_dyn"] = quantize(paths["decoder"], out / "decoder.dyn.onnx", method="dynamic")
+    paths["encoder_dyn"] = quantize(paths["encoder"], out / "encoder.dyn.onnx", method="dynamic")
     images = make_images(images_dir)
     predictors = {"landscape": anyseg.SamPredictor(model)}
     predictors["landscape"].set_image(images["landscape"])
@@ -261,27 +270,52 @@ def test_encoder_matches_torch(setup):
 
 
 def test_quantized_graphs(setup, manifest, record_property):
-    """int8 decoder and int8 encoder: mean mask IoU over all golden cases against float32 torch."""
+    """int8 decoder and int8 encoder, both methods: mask IoU over all golden cases against float32 torch.
+
+    The default (int8 weights, float activations) holds every mask at IoU >= 0.95; dynamic
+    quantization (int8 activations too) is held to a mean of 0.95 (its small masks move more)."""
     # The decoder's weights are nearly all linear layers; the small test encoders keep more of
     # theirs in float (convolutions, position tables), so they only shrink.
     for kind, ratio in (("decoder", 0.6), ("encoder", 0.9)):
         fp32 = setup["paths"][kind]
         fp32_bytes = sum(p.stat().st_size for p in fp32.parent.glob(fp32.name + "*"))
-        assert setup["paths"][f"{kind}_int8"].stat().st_size < ratio * fp32_bytes
-    decoder_only = onnx_decoder(setup, "decoder_int8", "landscape")
-    full = OnnxPredictor(setup["paths"]["encoder_int8"], setup["paths"]["decoder"], providers=CPU,
-                         sess_options=_session_options())
-    full.set_image(setup["images"]["landscape"])
-    for label, pred in (("decoder_int8", decoder_only), ("encoder_int8", full)):
-        ious = []
-        for _, kw, (want_logits, _, _) in torch_results(setup, manifest, "landscape"):
-            got, _, _ = pred.predict(**kw)
-            ious.extend(mask_iou(a, b) for a, b in zip(got, want_logits > 0))
+        for method in ("int8", "dyn"):
+            assert setup["paths"][f"{kind}_{method}"].stat().st_size < ratio * fp32_bytes
+    for method, label in (("int8", "int8-weights-block32"), ("dyn", "int8-per-channel")):
+        meta = ort.InferenceSession(str(setup["paths"][f"decoder_{method}"]), providers=CPU
+                                    ).get_modelmeta().custom_metadata_map
+        assert meta["anyseg.quantized"] == label
+        decoder_only = onnx_decoder(setup, f"decoder_{method}", "landscape")
+        full = OnnxPredictor(setup["paths"][f"encoder_{method}"], setup["paths"]["decoder"], providers=CPU,
+                             sess_options=_session_options())
+        full.set_image(setup["images"]["landscape"])
+        for part, pred in (("decoder", decoder_only), ("encoder", full)):
+            ious = []
+            for _, kw, (want_logits, _, _) in torch_results(setup, manifest, "landscape"):
+                got, _, _ = pred.predict(**kw)
+                ious.extend(mask_iou(a, b) for a, b in zip(got, want_logits > 0))
+            mean, low = float(np.mean(ious)), float(np.min(ious))
+            name = f"{part}_{'int8_weights' if method == 'int8' else 'int8_dynamic'}"
+            record_property(f"{setup['name']}_{name}_mask_iou", f"mean {mean:.4f} min {low:.4f}")
+            print(f"{setup['name']} {name}: mask IoU mean {mean:.4f}, min {low:.4f} over {len(ious)} masks")
+            if method == "int8":
+                assert low >= 0.95, (name, mean, low)
+            else:
+                assert mean >= 0.95 and low >= 0.7, (name, mean, low)
+    if setup["paths"]["encoder_int8_all"] is not None:  # every linear layer of the encoder: reported
+        full = OnnxPredictor(setup["paths"]["encoder_int8_all"], setup["paths"]["decoder"], providers=CPU,
+                             sess_options=_session_options())
+        full.set_image(setup["images"]["landscape"])
+        ious = [mask_iou(a, b) for _, kw, (want, _, _) in torch_results(setup, manifest, "landscape")
+                for a, b in zip(full.predict(**kw)[0], want > 0)]
         mean, low = float(np.mean(ious)), float(np.min(ious))
-        record_property(f"{setup['name']}_{label}_mask_iou", f"mean {mean:.4f} min {low:.4f}")
-        print(f"{setup['name']} {label}: mask IoU mean {mean:.4f}, min {low:.4f} over {len(ious)} masks")
-        assert mean >= 0.95, (label, mean, low)
-        assert low >= 0.7, (label, mean, low)
+        record_property(f"{setup['name']}_encoder_int8_weights_all_mask_iou", f"mean {mean:.4f} min {low:.4f}")
+        print(f"{setup['name']} encoder_int8_weights_all: mask IoU mean {mean:.4f}, min {low:.4f}")
+        assert mean >= 0.95, (mean, low)
+    with pytest.raises(ValueError, match="keep_float 'nope' matches none"):
+        quantize(setup["paths"]["decoder"], setup["paths"]["decoder"].with_name("y.onnx"), keep_float=("nope",))
+    with pytest.raises(ValueError, match="method must be one of weights, dynamic"):
+        quantize(setup["paths"]["decoder"], setup["paths"]["decoder"].with_name("x.onnx"), method="fp8")
 
 
 def test_export_rejects_bad_arguments(setup, tmp_path):
@@ -312,6 +346,16 @@ def test_cli_export(golden_dir, manifest, tmp_path, capsys):
         assert meta["anyseg.fast"] == "1"
     assert ort.InferenceSession(str(dec), providers=CPU).get_modelmeta().custom_metadata_map.get(
         "anyseg.quantized") is None
+    enc = tmp_path / "out" / "enc.onnx"
+    assert main(["export", "--model", ckpt, "--decoder", str(dec), "--encoder", str(enc), "--quantize",
+                 "dynamic", "--keep-float", "image_encoder/layers.3/"]) == 0
+    meta = ort.InferenceSession(str(enc.with_name("enc.int8.onnx")), providers=CPU).get_modelmeta()
+    assert meta.custom_metadata_map["anyseg.quantized"] == "int8-per-channel"
+    capsys.readouterr()
+    assert main(["export", "--model", ckpt, "--decoder", str(dec), "--quantize", "--keep-float", "nope/"]) == 2
+    assert "--keep-float nope/ matches no linear layer" in capsys.readouterr().err
+    assert main(["export", "--model", ckpt, "--decoder", str(dec), "--keep-float", "x"]) == 2
+    assert "only applies with --quantize" in capsys.readouterr().err
     assert main(["export", "--model", ckpt, "--decoder", str(tmp_path / "x.onnx"), "--opset", "9"]) == 2
     assert "opset must be an integer in [13, 20]" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()

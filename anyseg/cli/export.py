@@ -21,8 +21,10 @@ Export SAM to ONNX for onnxruntime, onnxruntime-web or any other ONNX runtime.
 --fast-decoder       compute the decoder with reordered float32 arithmetic (attention without
                      projecting the image tokens, transposed convolutions as matrix products):
                      the same masks to rounding, less work per click. The labelling app uses it.
---quantize           also write dynamically int8-quantized copies next to each graph
-                     (OUT.int8.onnx), about 4x smaller and usually faster on CPU.
+--quantize [METHOD]  also write int8-quantized copies next to each graph (OUT.int8.onnx), about 2x
+                     smaller. weights (default): int8 weights in blocks of 32, float activations
+                     (masks closest to float32); dynamic: onnxruntime dynamic quantization, int8
+                     activations too (faster int8 products on some CPUs, larger mask changes).
 
 Export always runs on the CPU in float32. anyseg.runtime.OnnxPredictor runs the graphs without
 PyTorch (see docs/onnx.md)."""
@@ -43,8 +45,13 @@ def register(subparsers) -> None:
     parser.add_argument("--decoder", required=True, metavar="OUT.onnx", help="where to write the decoder graph")
     parser.add_argument("--encoder", default=None, metavar="OUT.onnx",
                         help="also write the image encoder graph here")
-    parser.add_argument("--quantize", action="store_true",
-                        help="also write int8-quantized copies (<name>.int8.onnx) of every graph written")
+    parser.add_argument("--quantize", nargs="?", const="weights", default=None, choices=("weights", "dynamic"),
+                        metavar="METHOD",
+                        help="also write int8-quantized copies (<name>.int8.onnx) of every graph written: "
+                             "weights (default; int8 weights, float activations) or dynamic")
+    parser.add_argument("--keep-float", action="append", default=[], metavar="PART",
+                        help="with --quantize: linear layers whose node name contains PART stay float32 "
+                             "(repeatable), e.g. image_encoder/layers.3/ for MobileSAM's last stage")
     parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset, 13..20 (default: 17)")
     parser.add_argument("--return-single-mask", action="store_true",
                         help="decoder returns one mask: the best multimask output for a single click or a "
@@ -82,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from ..export._common import check_opset, check_output_path
 
     check_opset(args.opset)
+    if args.keep_float and not args.quantize:
+        raise ValueError("--keep-float only applies with --quantize")
     outputs = [check_output_path(args.decoder)]
     if args.encoder is not None:
         outputs.append(check_output_path(args.encoder))
@@ -97,7 +106,14 @@ def run(args: argparse.Namespace) -> int:
         written.append(export_encoder(model, args.encoder, opset=args.opset, external_data=external))
         print(f"encoder: {written[-1]} ({_size(written[-1])})", file=sys.stderr)
     if args.quantize:
+        from ..export.quantize import linear_layer_names
+
+        names = {path: linear_layer_names(path) for path in written}
+        unmatched = [part for part in args.keep_float if not any(part in n for ns in names.values() for n in ns)]
+        if unmatched:
+            raise ValueError(f"--keep-float {', '.join(unmatched)} matches no linear layer of the exported graphs")
         for path in written:
-            q = quantize(path, quantized_path(path))
+            keep = [part for part in args.keep_float if any(part in n for n in names[path])]
+            q = quantize(path, quantized_path(path), method=args.quantize, keep_float=keep)
             print(f"int8:    {q} ({_size(q)})", file=sys.stderr)
     return 0

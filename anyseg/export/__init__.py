@@ -2,7 +2,7 @@
 
 ``export_decoder(model, path, ...)`` and ``export_encoder(model, path, ...)`` write graphs that
 :class:`anyseg.runtime.OnnxPredictor` (no torch needed) or any ONNX runtime can run;
-``quantize(src, dst)`` makes a dynamically int8-quantized copy. Needs the ``onnx`` extra
+``quantize(src, dst)`` makes an int8 copy (int8 weights; or dynamic quantization). Needs the ``onnx`` extra
 (``pip install 'anyseg[onnx]'``) and torch.
 """
 from .decoder import DECODER_INPUTS, DECODER_OUTPUTS, SamOnnxDecoder, export_decoder
