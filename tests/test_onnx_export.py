@@ -347,6 +347,21 @@ def test_cli_export(golden_dir, manifest, tmp_path, capsys):
     assert ort.InferenceSession(str(dec), providers=CPU).get_modelmeta().custom_metadata_map.get(
         "anyseg.quantized") is None
     enc = tmp_path / "out" / "enc.onnx"
+
+    def float_stage_matmuls(path):  # float linear layers of MobileSAM's last stage left in the graph
+        graph = onnx.load(str(path), load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        return sum(1 for n in graph.node if n.op_type == "MatMul" and "image_encoder/layers.3/" in n.name
+                   and n.input[1] in weights)
+
+    capsys.readouterr()
+    # int8 weights on a MobileSAM encoder: the last stage stays float by default, with a notice
+    assert main(["export", "--model", ckpt, "--decoder", str(dec), "--encoder", str(enc), "--quantize"]) == 0
+    assert "keeping image_encoder/layers.3/" in capsys.readouterr().err
+    assert float_stage_matmuls(enc.with_name("enc.int8.onnx")) == float_stage_matmuls(enc) > 0
+    assert main(["export", "--model", ckpt, "--decoder", str(dec), "--encoder", str(enc), "--quantize",
+                 "--keep-float", ""]) == 0
+    assert float_stage_matmuls(enc.with_name("enc.int8.onnx")) == 0
     assert main(["export", "--model", ckpt, "--decoder", str(dec), "--encoder", str(enc), "--quantize",
                  "dynamic", "--keep-float", "image_encoder/layers.3/"]) == 0
     meta = ort.InferenceSession(str(enc.with_name("enc.int8.onnx")), providers=CPU).get_modelmeta()
