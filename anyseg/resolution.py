@@ -23,15 +23,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import infer_config
-
-ENC = "image_encoder."
-
-
-def _resample_linear(table: torch.Tensor, length: int) -> torch.Tensor:
-    """``L x C`` -> ``length x C``, the same linear resampling the attention applies on the fly."""
-    out = F.interpolate(table.float().t()[None], size=length, mode="linear")
-    return out[0].t().to(table.dtype)
+from .checkpoint import ENC, infer_config
+from .modeling.vit import resize_relative_table
 
 
 def resize_state_dict(sd: Dict[str, torch.Tensor], img_size: int) -> Dict[str, torch.Tensor]:
@@ -60,5 +53,6 @@ def resize_state_dict(sd: Dict[str, torch.Tensor], img_size: int) -> Dict[str, t
         for i in enc.global_attn_indexes:
             for axis in ("h", "w"):
                 key = f"{ENC}blocks.{i}.attn.rel_pos_{axis}"
-                out[key] = _resample_linear(sd[key], 2 * new - 1).contiguous()
+                # the resampling the attention itself applies to a table of the wrong length
+                out[key] = resize_relative_table(sd[key].float(), 2 * new - 1).to(sd[key].dtype).contiguous()
     return out

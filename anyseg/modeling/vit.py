@@ -15,6 +15,13 @@ from ..config import ViTConfig
 from .common import LayerNorm2d, MLPBlock
 
 
+def resize_relative_table(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """A stored ``L x d`` relative-position table linearly resampled to ``length x d``."""
+    return F.interpolate(
+        rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear"
+    ).reshape(-1, length).permute(1, 0)
+
+
 def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Per (query, key) pair along one axis, the relative-position vector: ``q_size x k_size x d``.
 
@@ -22,13 +29,27 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     """
     length = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != length:
-        rel_pos = F.interpolate(
-            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear"
-        ).reshape(-1, length).permute(1, 0)
+        rel_pos = resize_relative_table(rel_pos, length)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     index = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
     return rel_pos[index.long()]
+
+
+def relative_position_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: Tuple[int, int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two decomposed relative-position terms for unscaled queries ``q`` (``B x HW x d``):
+    ``B x HW x h x 1`` (``q . Rh[qi-ki]`` per key row) and ``B x HW x 1 x w`` (``q . Rw[qj-kj]`` per key
+    column); their broadcast sum, reshaped to ``B x HW x HW``, is the bias."""
+    h, w = size
+    table_h = relative_position_table(h, h, rel_pos_h)
+    table_w = relative_position_table(w, w, rel_pos_w)
+    b, n, d = q.shape
+    r_q = q.reshape(b, h, w, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h).reshape(b, n, h, 1)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, table_w).reshape(b, n, 1, w)
+    return rel_h, rel_w
 
 
 def relative_position_bias(
@@ -38,14 +59,9 @@ def relative_position_bias(
 
     Returns ``B x HW x HW``: for query (qi, qj) and key (ki, kj), ``q . Rh[qi-ki] + q . Rw[qj-kj]``.
     """
-    h, w = size
-    table_h = relative_position_table(h, h, rel_pos_h)
-    table_w = relative_position_table(w, w, rel_pos_w)
-    b, _, d = q.shape
-    r_q = q.reshape(b, h, w, d)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, table_w)
-    return (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(b, h * w, h * w)
+    rel_h, rel_w = relative_position_terms(q, rel_pos_h, rel_pos_w, size)
+    b, n = q.shape[:2]
+    return (rel_h + rel_w).reshape(b, n, n)
 
 
 class Attention(nn.Module):
@@ -76,13 +92,8 @@ class Attention(nn.Module):
     def _fused_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """SDPA over query blocks with the decomposed relative-position bias built per block; the
         same arithmetic as the unchunked fused path (each query row is independent)."""
-        h, w = size
         n, d = q.shape[1], q.shape[2]
-        table_h = relative_position_table(h, h, self.rel_pos_h)
-        table_w = relative_position_table(w, w, self.rel_pos_w)
-        r_q = q.reshape(-1, h, w, d)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h).reshape(-1, n, h, 1)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, table_w).reshape(-1, n, 1, w)
+        rel_h, rel_w = relative_position_terms(q, self.rel_pos_h, self.rel_pos_w, size)
         # SDPA's fused kernels take 4-D (batch, heads, tokens, dim) inputs only; 3-D ones fall back to
         # the unfused math kernel on GPUs.
         heads = self.num_heads
@@ -100,14 +111,13 @@ class Attention(nn.Module):
         n = h * w
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)
-        if self.fused and self.use_rel_pos and n > self.query_chunk:
-            out = self._fused_chunked(q, k, v, (h, w))
-            out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-            return self.proj(out)
+        chunked = self.fused and self.use_rel_pos and n > self.query_chunk
         bias = None
-        if self.use_rel_pos:
+        if self.use_rel_pos and not chunked:
             bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        if self.fused:  # 4-D views (see _fused_chunked)
+        if chunked:
+            out = self._fused_chunked(q, k, v, (h, w))
+        elif self.fused:  # 4-D views (see _fused_chunked)
             q4, k4, v4 = (t.view(b, self.num_heads, n, -1) for t in (q, k, v))
             bias4 = None if bias is None else bias.view(b, self.num_heads, n, n)
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias4, scale=self.scale)
