@@ -73,7 +73,6 @@ class SamPredictor:
         self.set_torch_image(tensor, image.shape[:2])
 
     @torch.inference_mode()
-    @speed.ieee_float32_method
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
         """Encode a ``1 x 3 x h x w`` image already resized so its long side is the model's input size."""
         s = self.model.img_size
@@ -87,11 +86,7 @@ class SamPredictor:
         self.orig_h, self.orig_w = self.original_size
         self.input_h, self.input_w = self.input_size
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        if get_config(self.model) is None:
-            dtype = next(self.model.parameters()).dtype
-            self.features = self.model.encode_image(x.to(dtype))
-        else:
-            self.features = speed.encode(self.model, x)
+        self.features = speed.encode(self.model, x)  # the faithful encoder unless fast paths are on
         self.is_image_set = True
 
     def set_embedding(self, embedding: torch.Tensor, input_size: Tuple[int, int],

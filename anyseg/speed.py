@@ -283,16 +283,26 @@ def decoder_autocast(model: torch.nn.Module):
     return _autocast(model.device, None if config is None else config.decoder_dtype)
 
 
+def preprocess_image(model: torch.nn.Module, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """An ``H x W x 3`` uint8 RGB image resized (long side = the model's input size, PIL bilinear, as
+    :meth:`anyseg.SamPredictor.transform_image`), normalised and padded: ``(1 x 3 x S x S`` on the
+    model's device, the resized ``(h, w))``."""
+    from PIL import Image
+
+    from .geometry import resized_shape
+
+    h, w = resized_shape(image.shape[0], image.shape[1], model.img_size)
+    resized = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    t = torch.as_tensor(resized, device=model.device).permute(2, 0, 1)[None].float()
+    return model.preprocess(t), (h, w)
+
+
 @torch.inference_mode()
 def encode_images(model: torch.nn.Module, images: Sequence[np.ndarray],
                   batch_size: Optional[int] = None) -> List[Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]]:
     """Encode many ``H x W x 3`` uint8 RGB images, ``batch_size`` at a time (default: the config's
     ``encoder_batch_size``). Returns ``(embedding 1 x 256 x g x g, input_size, original_size)`` per image,
     ready for :meth:`anyseg.SamPredictor.set_embedding`."""
-    from PIL import Image
-
-    from .geometry import resized_shape
-
     config = get_config(model) or SpeedConfig()
     batch_size = int(batch_size or config.encoder_batch_size)
     if batch_size < 1:
@@ -305,11 +315,9 @@ def encode_images(model: torch.nn.Module, images: Sequence[np.ndarray],
             image = np.asarray(image)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected H x W x 3 uint8 RGB images, got shape {image.shape} dtype {image.dtype}")
-            h, w = resized_shape(image.shape[0], image.shape[1], model.img_size)
-            resized = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-            t = torch.as_tensor(resized, device=model.device).permute(2, 0, 1)[None].float()
-            tensors.append(model.preprocess(t))
-            sizes.append(((h, w), (int(image.shape[0]), int(image.shape[1]))))
+            x, input_size = preprocess_image(model, image)
+            tensors.append(x)
+            sizes.append((input_size, (int(image.shape[0]), int(image.shape[1]))))
         emb = encode(model, torch.cat(tensors))
         out.extend((emb[i : i + 1], *sizes[i]) for i in range(len(group)))
     return out

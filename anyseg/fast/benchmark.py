@@ -135,18 +135,6 @@ def machine_description(device: torch.device) -> str:
     return text
 
 
-def _preprocessed(model, image: np.ndarray) -> torch.Tensor:
-    """``image`` resized, normalised and padded as the predictor does: ``1 x 3 x S x S`` on the model's device."""
-    from PIL import Image
-
-    from ..geometry import resized_shape
-
-    h, w = resized_shape(image.shape[0], image.shape[1], model.img_size)
-    resized = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-    t = torch.as_tensor(resized, device=model.device).permute(2, 0, 1)[None].float()
-    return model.preprocess(t)
-
-
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -163,7 +151,7 @@ def run_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, confi
     ``amg_model`` is the (randomly initialised) variant used by the segment-everything rows."""
     from ..automatic import MaskGenerator
     from ..predictor import SamPredictor
-    from ..speed import encode
+    from ..speed import encode, preprocess_image
 
     rows: List[Dict[str, Any]] = []
     models: Dict[str, Any] = {}
@@ -189,7 +177,7 @@ def run_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, confi
             # throughput. Resizing on the CPU is left out: it is per image and does not batch.
             variant = task.split("_", 1)[1]
             m = model(variant)
-            x = _preprocessed(m, image).expand(encode_batch, -1, -1, -1).contiguous()
+            x = preprocess_image(m, image)[0].expand(encode_batch, -1, -1, -1).contiguous()
             for name, cfg in configs.items():
                 apply(m, cfg)
                 reps = 1 if quick else 5
@@ -279,10 +267,10 @@ def run_quality(shared: Path, configs: Dict[str, SpeedConfig], quick: bool,
         amg_image = load_image(shared / "images" / "groceries.jpg")
         amg_params = entry["amg"][0]["params"]
         amg_reference = faithful_amg(m, amg_image, amg_params)
+        reference = None if fast_model is m else m
         for name, cfg in configs.items():
             if (name == "faithful" and device.type == "cpu") or cfg.compile:
                 continue
-            reference = None if fast_model is m else m
             pq = predictor_quality(fast_model, cfg, imgs, cases, reference=reference)
             aq = amg_quality(fast_model, cfg, amg_image, amg_params, reference_records=amg_reference)
             rows.append({"model": model_name, "config": name, "min_mask_iou": pq["min_iou"],

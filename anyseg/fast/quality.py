@@ -106,19 +106,17 @@ def faithful_amg(model, image: np.ndarray, params: Dict[str, Any]) -> List[Dict[
     return MaskGenerator(model, **dict(params, output_mode="uncompressed_rle")).generate(image)
 
 
-def amg_quality(model, config, image: np.ndarray, params: Dict[str, Any], reference=None,
+def amg_quality(model, config, image: np.ndarray, params: Dict[str, Any],
                 reference_records: Optional[List[Dict[str, Any]]] = None) -> Dict[str, float]:
-    """Segment ``image`` with the faithful path (of ``reference`` if given, see :func:`predictor_quality`;
-    or take its ``reference_records`` from :func:`faithful_amg`) and with ``config`` (same generator
+    """Segment ``image`` with the faithful path (or take its ``reference_records`` from
+    :func:`faithful_amg`, e.g. computed once on the CPU) and with ``config`` (same generator
     parameters) and match the records both ways (see :func:`match_records`). The model ends in the
     faithful state."""
     from ..automatic import MaskGenerator
     from ..speed import SpeedConfig, apply
 
     params = dict(params, output_mode="uncompressed_rle")
-    ref = reference_records
-    if ref is None:
-        ref = faithful_amg(model if reference is None else reference, image, params)
+    ref = faithful_amg(model, image, params) if reference_records is None else reference_records
     apply(model, config)
     try:
         fast = MaskGenerator(model, **params).generate(image)
