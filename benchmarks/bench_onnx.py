@@ -8,7 +8,7 @@ wall-clock on whatever else the machine is doing; run it on an idle machine for 
 
 usage:
   ANYSEG_SHARED=../shared python benchmarks/bench_onnx.py [--checkpoint PATH] [--image PATH]
-      [--threads N] [--encoder-repeats 5] [--decoder-repeats 30] [--workdir DIR] [--keep-float PART]
+      [--threads N] [--encoder-repeats 5] [--decoder-repeats 30] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -46,9 +46,6 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder-repeats", type=int, default=5)
     parser.add_argument("--decoder-repeats", type=int, default=30)
     parser.add_argument("--workdir", default=None, help="where to write the graphs (default: a temp dir)")
-    parser.add_argument("--keep-float", action="append", default=["image_encoder/layers.3/"], metavar="PART",
-                        help="encoder linear layers kept float32 in the int8-weights graph (default: MobileSAM's "
-                             "last stage, image_encoder/layers.3/; ignored when nothing matches)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -76,11 +73,11 @@ def main(argv=None) -> int:
     print(f"exporting to {work} ...", file=sys.stderr)
     dec = export_decoder(model, work / "decoder.onnx")
     enc = export_encoder(model, work / "encoder.onnx")
-    from anyseg.export.quantize import linear_layer_names
+    from anyseg.export.quantize import default_keep_float
 
-    keep = [part for part in args.keep_float if any(part in n for n in linear_layer_names(enc))]
+    keep = default_keep_float(enc)
     dec_q = quantize(dec, work / "decoder.int8.onnx")
-    enc_q = quantize(enc, work / "encoder.int8.onnx", keep_float=keep)
+    enc_q = quantize(enc, work / "encoder.int8.onnx")  # the default keeps sensitive layers float32
     dec_dq = quantize(dec, work / "decoder.dyn.onnx", method="dynamic")
     enc_dq = quantize(enc, work / "encoder.dyn.onnx", method="dynamic")
 

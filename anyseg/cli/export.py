@@ -51,7 +51,7 @@ def register(subparsers) -> None:
                              "weights (default; int8 weights, float activations) or dynamic")
     parser.add_argument("--keep-float", action="append", default=None, metavar="PART",
                         help="with --quantize: linear layers whose node name contains PART stay float32 "
-                             "(repeatable; default: image_encoder/layers.3/, the last stage, for a MobileSAM "
+                             "(repeatable; default: the layers quantize() keeps, image_encoder/layers.3/ for a MobileSAM "
                              "encoder quantized with int8 weights, none otherwise; --keep-float '' for none)")
     parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset, 13..20 (default: 17)")
     parser.add_argument("--return-single-mask", action="store_true",
@@ -71,9 +71,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-MOBILESAM_KEEP_FLOAT = "image_encoder/layers.3/"
-
-
 def quantized_path(path: Path) -> Path:
     """``dec.onnx`` -> ``dec.int8.onnx``."""
     return path.with_name(path.stem + ".int8.onnx")
@@ -89,7 +86,6 @@ def _size(path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
-    from ..config import TinyViTConfig
     from ..export import export_decoder, export_encoder, quantize
     from ..export._common import check_opset, check_output_path
 
@@ -111,22 +107,21 @@ def run(args: argparse.Namespace) -> int:
         written.append(export_encoder(model, args.encoder, opset=args.opset, external_data=external))
         print(f"encoder: {written[-1]} ({_size(written[-1])})", file=sys.stderr)
     if args.quantize:
-        from ..export.quantize import linear_layer_names
+        from ..export.quantize import default_keep_float, linear_layer_names
 
-        names = {path: linear_layer_names(path) for path in written}
-        parts = [part for part in (args.keep_float or []) if part]
-        if args.keep_float is None and args.encoder is not None and args.quantize == "weights" \
-                and isinstance(model.config.encoder, TinyViTConfig):
-            # Measured on the golden MobileSAM: min mask IoU 0.879 with the last stage in int8, 0.988
-            # with it in float32 (docs/onnx.md).
-            parts = [MOBILESAM_KEEP_FLOAT]
-            print(f"keeping {MOBILESAM_KEEP_FLOAT} (MobileSAM's last stage) in float32; --keep-float '' "
-                  "quantizes it too", file=sys.stderr)
-        unmatched = [part for part in parts if not any(part in n for ns in names.values() for n in ns)]
-        if unmatched:
-            raise ValueError(f"--keep-float {', '.join(unmatched)} matches no linear layer of the exported graphs")
+        keep = {path: None for path in written}  # None: quantize's default for the graph
+        if args.keep_float is not None:  # the parts given apply to the graphs they match
+            parts = [part for part in args.keep_float if part]
+            names = {path: linear_layer_names(path) for path in written}
+            unmatched = [part for part in parts if not any(part in n for ns in names.values() for n in ns)]
+            if unmatched:
+                raise ValueError(f"--keep-float {', '.join(unmatched)} matches no linear layer of the exported graphs")
+            keep = {path: [part for part in parts if any(part in n for n in names[path])] for path in written}
         for path in written:
-            keep = [part for part in parts if any(part in n for n in names[path])]
-            q = quantize(path, quantized_path(path), method=args.quantize, keep_float=keep)
+            if keep[path] is None:
+                for part in default_keep_float(path, args.quantize):
+                    print(f"keeping {part} in float32 (masks are sensitive to it); --keep-float '' "
+                          "quantizes it too", file=sys.stderr)
+            q = quantize(path, quantized_path(path), method=args.quantize, keep_float=keep[path])
             print(f"int8:    {q} ({_size(q)})", file=sys.stderr)
     return 0
