@@ -98,6 +98,8 @@ class Trainer:
         self.low_res = self.model.prompt_encoder.mask_input_size[0]
         self.grid = self.img_size if cfg.loss_res == "input" else self.low_res
         self.step = 0
+        self._pool = None  # the --workers process pool while fit() runs
+        self._pending: Dict = {}  # (step, dataset index) -> future of the sample
         self.cache: Optional[EmbeddingCache] = None
         self._tb = None
         state = self.out / "last.pt"
@@ -145,33 +147,34 @@ class Trainer:
     # current one trains; a sample depends only on its index, so results are the same either way.
     PREFETCH_STEPS = 2
 
-    def _sample(self, step: int, index: int):
-        pool = getattr(self, "_pool", None)
-        if pool is None:
-            return self.dataset[index]
+    def _prefetch(self, step: int) -> None:
+        """Queue the samples of ``step`` and the next ``PREFETCH_STEPS`` steps; drop older ones."""
+        if self._pool is None:
+            return
         for ahead in range(step, min(self.cfg.steps, step + 1 + self.PREFETCH_STEPS)):
             for i in self.batch_indices(ahead):
                 if (ahead, i) not in self._pending:
-                    self._pending[(ahead, i)] = pool.submit(_load_sample, self.dataset, i)
+                    self._pending[(ahead, i)] = self._pool.submit(_load_sample, self.dataset, i)
         for key in [k for k in self._pending if k[0] < step]:
             self._pending.pop(key).cancel()
+
+    def _sample(self, step: int, index: int):
         future = self._pending.pop((step, index), None)
         return future.result() if future is not None else self.dataset[index]
 
     def _start_workers(self) -> None:
-        if self.cfg.workers > 0 and getattr(self, "_pool", None) is None:
+        if self.cfg.workers > 0 and self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn: the workers never touch CUDA or torch's thread pools of this process
             self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
-            self._pending: Dict = {}
 
     def _stop_workers(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            self._pending.clear()
 
     # -------------------------------------------------------------------------------------- step
     def train_step(self, step: int) -> Dict[str, float]:
@@ -180,6 +183,7 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, step, 1])
         gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 2]).integers(2**62)))
         images, gts, valids, sizes, owners, cached = [], [], [], [], [], []
+        self._prefetch(step)
         for i in self.batch_indices(step):
             sample = self._sample(step, i)
             flip = bool(cfg.hflip and rng.uniform() < 0.5)
