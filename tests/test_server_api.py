@@ -20,7 +20,6 @@ pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'an
 httpx = pytest.importorskip("httpx", reason="the tests talk to the server with httpx (pip install httpx)")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from anyseg.masks import coco_rle_to_mask, rle_to_mask  # noqa: E402
@@ -365,7 +364,7 @@ def test_token_and_request_limits(model, tmp_path):
 
 
 # ---------------------------------------------------------------------------- browser decoder
-def test_exported_decoder_graph_matches_server_decoding(server, dog):
+def test_exported_decoder_graph_matches_server_decoding(server, dog, model):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'anyseg[onnx]')")
     pytest.importorskip("onnx", reason="onnx is not installed (pip install 'anyseg[onnx]')")
     status = server.app.state.decoder.wait(timeout=240)
@@ -390,10 +389,9 @@ def test_exported_decoder_graph_matches_server_decoding(server, dog):
         "has_mask_input": np.zeros(1, np.float32),
     }
     scores, low_res = session.run(None, feeds)
-    # The model's postprocessing: to 1024 x 1024, crop to the model frame, to the image size.
-    masks = F.interpolate(torch.from_numpy(low_res), size=(1024, 1024), mode="bilinear", align_corners=False)
-    masks = masks[..., : image["input_height"], : image["input_width"]]
-    masks = F.interpolate(masks, size=(image["height"], image["width"]), mode="bilinear", align_corners=False).numpy()
+    # The page upscales as the model does: to 1024 x 1024, crop to the model frame, to the image size.
+    masks = model.postprocess_masks(torch.from_numpy(low_res), (image["input_height"], image["input_width"]),
+                                    (image["height"], image["width"])).numpy()
     picks = [1, 2, 3] if masks.shape[1] == 4 else list(range(masks.shape[1]))
     picks.sort(key=lambda k: -scores[0, k])
     served_out = server.post(f"/api/v1/images/{image['id']}/decode",
