@@ -38,7 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["SpeedConfig", "apply", "get_config", "cpu_capabilities", "encode", "encode_images", "ieee_float32"]
+__all__ = ["SpeedConfig", "apply", "get_config", "cpu_capabilities", "encode", "encode_images", "ieee_float32",
+           "keep_freed_memory"]
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -75,6 +76,10 @@ class SpeedConfig:
         amg_device_masks: in segment-everything, keep masks on the model's device for boxes, stability
             and run-length encoding, moving only run boundaries to the CPU (useful on GPUs).
         encoder_batch_size: images encoded together by :func:`encode_images`.
+        keep_freed_memory: on Linux with glibc, let the C allocator keep freed blocks (up to 1 GiB)
+            for reuse instead of handing each large temporary back to the system, so the decoder's
+            many 4 MB-per-prompt temporaries do not page-fault afresh on every call (see
+            :func:`keep_freed_memory`). Process-wide and not undone; the computation is unchanged.
     """
 
     fused_attention: bool = False
@@ -90,6 +95,7 @@ class SpeedConfig:
     amg_points_per_batch: Optional[int] = None
     amg_device_masks: bool = False
     encoder_batch_size: int = 1
+    keep_freed_memory: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_dtype", _dtype(self.encoder_dtype))
@@ -110,8 +116,8 @@ class SpeedConfig:
     @classmethod
     def lossless(cls, **overrides: Any) -> "SpeedConfig":
         """Every fast path that keeps float32 and the golden tolerances."""
-        return replace(cls(fused_attention=True, fold_batchnorm=True, fast_decoder=True, fast_postprocess=True),
-                       **overrides)
+        return replace(cls(fused_attention=True, fold_batchnorm=True, fast_decoder=True, fast_postprocess=True,
+                           keep_freed_memory=True), **overrides)
 
     @classmethod
     def auto(cls, device: Union[str, torch.device, None] = None, **overrides: Any) -> "SpeedConfig":
@@ -189,6 +195,8 @@ def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch
         if hasattr(module, "fold_bn"):
             module.fold_bn = bool(config.fold_batchnorm)
     model.eval()
+    if config.keep_freed_memory and model.device.type == "cpu":
+        keep_freed_memory()
     encoder = model.image_encoder
     if config.int8_encoder:
         if model.device.type != "cpu":
@@ -205,6 +213,39 @@ def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch
     model.speed_config = None if config.is_faithful else config
     model.speed_runtime = None if config.is_faithful else SpeedRuntime(config, encoder)
     return model
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_TUNED: Optional[bool] = None
+
+
+def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+    """Tune glibc's allocator for PyTorch's large CPU temporaries; returns whether it applied.
+
+    By default glibc serves every block above a (dynamic, at most 32 MiB) threshold with a fresh
+    ``mmap`` and returns it to the system on ``free``, so each new ``B x 4096 x 256`` float tensor of
+    the mask decoder is zero-filled page by page by the kernel (about 1000 page faults per 4 MB). Here
+    blocks below ``mmap_threshold`` come from the heap, and up to ``trim_threshold`` bytes of free heap
+    are kept for reuse. Results are unchanged; the process keeps up to ``trim_threshold`` of freed
+    memory mapped. Idempotent, process-wide, a no-op (False) where glibc is not the C library.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is None:
+        _MALLOC_TUNED = False
+        import platform
+
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL("libc.so.6")
+                ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
+                ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) and ok
+                _MALLOC_TUNED = bool(ok)
+            except (OSError, AttributeError):  # pragma: no cover - no usable libc
+                _MALLOC_TUNED = False
+    return _MALLOC_TUNED
 
 
 @contextlib.contextmanager

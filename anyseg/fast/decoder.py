@@ -39,26 +39,29 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """Attention of ``B x T x C`` token queries over the image: keys ``keys + pe``, values ``keys``
-    (``keys`` ``B x N x C``, ``B`` may be 1 and broadcast over the prompts; ``pe`` ``1 x N x C``).
-    ``keys + pe`` is never formed: its logits are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one
-    matrix product against the shared ``pe``. Returns ``B x T x C`` (after ``out_proj``)."""
+def _token_to_image(attn: Attention, q: torch.Tensor, keys_pe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Attention of ``B x T x C`` token queries over the image: keys ``keys_pe`` (the image tokens plus
+    the positional encoding), values ``keys``; both ``B x N x C``, or ``1 x N x C`` shared by the prompts.
+
+    The image is never projected: the key projection is folded into the queries (``(q Wk_h) keys_pe^T``;
+    the key bias is constant along the softmax axis and dropped) and the value projection applied after
+    pooling (``(P keys) Wv_h + bv``, rows of ``P`` sum to one). Returns ``B x T x C`` (after ``out_proj``).
+    """
     heads = attn.num_heads
     b, t, _ = q.shape
     internal = attn.q_proj.out_features
     d = internal // heads
+    c = keys.shape[-1]
     qh = _split_heads(attn.q_proj(q), heads) * (d**-0.5)  # B x H x T x d
-    wk = attn.k_proj.weight.view(heads, d, -1)  # H x d x C
-    # (q Wk_h) per head: B x H x T x C, then logits against the raw keys.
-    qk = torch.matmul(qh, wk).reshape(b, heads * t, -1)
-    n, c = pe.shape[1], pe.shape[2]
-    pe_logits = torch.mm(qk.reshape(-1, c), pe[0].t()).view(b, heads * t, n)
-    kv = keys.expand(b, -1, -1) if keys.shape[0] != b else keys
-    logits = torch.baddbmm(pe_logits, qk, kv.transpose(1, 2))  # B x HT x N
-    probs = logits.softmax(dim=-1)
-    pooled = torch.bmm(probs, kv).view(b, heads, t, -1)  # B x H x T x C
-    wv = attn.v_proj.weight.view(heads, d, -1)  # H x d x C
+    wk = attn.k_proj.weight.view(heads, d, c)  # H x d x C
+    qk = torch.matmul(qh, wk).reshape(b, heads * t, c)  # B x HT x C
+    if keys.shape[0] == 1 and b > 1:  # shared image side: one product for all prompts
+        probs = torch.mm(qk.reshape(-1, c), keys_pe[0].t()).softmax(dim=-1)  # (B HT) x N
+        pooled = torch.mm(probs, keys[0]).view(b, heads, t, c)
+    else:
+        probs = torch.bmm(qk, keys_pe.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
+        pooled = torch.bmm(probs, keys).view(b, heads, t, c)  # B x H x T x C
+    wv = attn.v_proj.weight.view(heads, d, c)  # H x d x C
     out = torch.matmul(pooled, wv.transpose(1, 2)) + attn.v_proj.bias.view(1, heads, 1, d)  # B x H x T x d
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, internal))
 
@@ -75,18 +78,23 @@ def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, v
     return attn.out_proj(out.transpose(0, 1).reshape(b, t, heads * d))
 
 
+# Below this many token-head columns the cached image-to-token logits are one matrix product against a
+# block-diagonal token matrix (an efficient shape) rather than a per-head product with inner size d.
+_BLOCK_DIAGONAL_COLUMNS = 512
+
+
 def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor, *,
-                    keys: Optional[torch.Tensor] = None, pe: Optional[torch.Tensor] = None,
-                    cached_qh: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    keys_pe: Optional[torch.Tensor] = None, cached_q: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``residual`` plus the attention of the image queries over ``B x T x C`` token keys / values.
 
-    The image queries are ``keys + pe`` (``keys`` ``B x N x C``, ``pe`` ``1 x N x C``), or ``cached_qh``,
-    their projection ``1 x H x N x d``. ``residual`` (``B x N x C`` or ``1 x N x C``) is what the block
-    adds the attention to; returns that sum, ``B x N x C``, before the block's norm. The arithmetic:
-    logits against ``keys + pe`` as ``keys a^T + (pe a^T + const)`` with the token side folded into
-    ``a``; probabilities laid out ``N x T x H`` so that the softmax over ``T`` runs along contiguous
-    heads; the output projection folded into the ``T`` values, and its bias spread over them (the
-    probabilities of each head sum to one), so the result is one ``baddbmm`` onto ``residual``.
+    The image queries are ``keys_pe`` (``B x N x C``: image tokens plus positional encoding), or
+    ``cached_q``, their projection ``1 x N x (H d)`` shared by all prompts. ``residual`` (``B x N x C`` or
+    ``1 x N x C``) is what the block adds the attention to; returns that sum, ``B x N x C``, before the
+    block's norm. The arithmetic: the query projection folded into the token keys (``a``, plus a
+    per-column constant from the query bias), probabilities laid out ``N x T x H`` so that the softmax
+    over ``T`` runs along contiguous heads, the output projection folded into the ``T`` values and its
+    bias spread over them (the probabilities of each head sum to one), so the result is one ``baddbmm``
+    onto ``residual``.
     """
     heads = attn.num_heads
     b, t, _ = tok_k.shape
@@ -98,19 +106,29 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
     # Values pushed through the output projection, plus bias / H: B x (T H) x C.
     vo = torch.einsum("bthd,chd->bthc", vh, wo) + attn.out_proj.bias / heads
     vo = vo.reshape(b, t * heads, -1)
-    if cached_qh is not None:
-        n = cached_qh.shape[2]
-        # H x N x d against H x d x (B T): heads as the batch, no broadcast copies.
-        logits = torch.bmm(cached_qh[0], kh.permute(2, 3, 0, 1).reshape(heads, d, b * t))  # H x N x BT
-        logits = logits.view(heads, n, b, t).permute(2, 1, 3, 0).contiguous()  # B x N x T x H
+    if cached_q is not None:
+        n = cached_q.shape[1]
+        if b * t * heads <= _BLOCK_DIAGONAL_COLUMNS:
+            # N x (H d) against a block-diagonal (H d) x (B T H): column (b, t, h) holds kh[b, t, h] in
+            # rows h d .. h d + d - 1, so the product is B x N x T x H logits in one call.
+            bd = kh.new_zeros(heads, d, b, t, heads)
+            bd.diagonal(dim1=0, dim2=4).copy_(kh.permute(3, 0, 1, 2))
+            logits = torch.mm(cached_q[0], bd.view(internal, b * t * heads))
+            logits = logits.view(n, b, t, heads).transpose(0, 1)
+            if b > 1:
+                logits = logits.contiguous()
+        else:
+            # H x N x d against H x d x (B T): heads as the batch, no broadcast copies.
+            qh = cached_q[0].view(n, heads, d).transpose(0, 1)
+            logits = torch.bmm(qh, kh.permute(2, 3, 0, 1).reshape(heads, d, b * t))  # H x N x BT
+            logits = logits.view(heads, n, b, t).permute(2, 1, 3, 0).contiguous()  # B x N x T x H
     else:
         wq = attn.q_proj.weight.view(heads, d, -1)  # H x d x C
         a = torch.einsum("bthd,hdc->bthc", kh, wq).reshape(b, t * heads, -1)  # B x TH x C
         const = (kh * attn.q_proj.bias.view(1, 1, heads, d)).sum(-1).reshape(b, 1, t * heads)
-        n, c = pe.shape[1], pe.shape[2]
-        pe_logits = torch.mm(pe[0], a.reshape(-1, c).t()).view(n, b, t * heads).transpose(0, 1) + const
-        kq = keys.expand(b, -1, -1) if keys.shape[0] != b else keys
-        logits = torch.baddbmm(pe_logits, kq, a.transpose(1, 2)).view(b, n, t, heads)  # B x N x T x H
+        qs = keys_pe.expand(b, -1, -1) if keys_pe.shape[0] != b else keys_pe
+        logits = torch.baddbmm(const, qs, a.transpose(1, 2)).view(b, -1, t, heads)  # B x N x T x H
+        n = logits.shape[1]
     probs = logits.softmax(dim=2).view(b, n, t * heads)
     return torch.baddbmm(residual, probs, vo)
 
@@ -119,18 +137,20 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
 class ImageCache:
     """Prompt-independent decoder work for one image embedding (see the module docstring).
 
-    keys: ``1 x N x C`` image tokens plus the no-mask embedding; keys_pe: ``1 x N x C`` that plus the
-    positional encoding; pe: ``1 x N x C``; kh0, vh0, qh0: ``1 x H x N x d`` first-block projections.
+    image: ``1 x N x C`` image tokens; keys: those plus the no-mask embedding; keys_pe: ``1 x N x C`` that plus the
+    positional encoding; pe: ``1 x N x C``; kh0, vh0: ``1 x H x N x d`` first-block token-to-image key and
+    value projections; q0: ``1 x N x (H d)`` first-block image-to-token query projection.
     """
 
     embedding: torch.Tensor
     size: Tuple[int, int]
+    image: torch.Tensor
     pe: torch.Tensor
     keys: torch.Tensor
     keys_pe: torch.Tensor
     kh0: Optional[torch.Tensor]
     vh0: Optional[torch.Tensor]
-    qh0: Optional[torch.Tensor]
+    q0: Optional[torch.Tensor]
 
 
 class FastDecoder:
@@ -155,24 +175,26 @@ class FastDecoder:
     def set_image(self, embedding: torch.Tensor, project: bool = True) -> ImageCache:
         """Precompute the prompt-independent work for a ``1 x C x h x w`` embedding.
 
-        With ``project=False`` the first-block projections are skipped (``kh0``, ``vh0``, ``qh0`` stay
+        With ``project=False`` the first-block projections are skipped (``kh0``, ``vh0``, ``q0`` stay
         None): enough for decoding with a mask prompt (``dense`` given), which never uses them. This is
         how a single-call graph (ONNX export) uses the decoder.
         """
         if embedding.ndim != 4 or embedding.shape[0] != 1:
             raise ValueError(f"expected a 1 x C x h x w image embedding, got shape {tuple(embedding.shape)}")
         _, c, h, w = embedding.shape
-        pe = self.image_pe.to(embedding.dtype).flatten(2).transpose(1, 2)
-        keys = embedding.flatten(2).transpose(1, 2) + self.no_mask_embed.to(embedding.dtype).view(1, 1, c)
+        # Token-major (``1 x N x C``) contiguous copies: every later pass over the image runs along C.
+        pe = self.image_pe.to(embedding.dtype).flatten(2).transpose(1, 2).contiguous()
+        image = embedding.flatten(2).transpose(1, 2).contiguous()
+        keys = image + self.no_mask_embed.to(embedding.dtype).view(1, 1, c)
         keys_pe = keys + pe
-        kh0 = vh0 = qh0 = None
+        kh0 = vh0 = q0 = None
         if project:
             block: TwoWayAttentionBlock = self.decoder.transformer.layers[0]
             t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
             kh0 = _split_heads(t2i.k_proj(keys_pe), t2i.num_heads)
             vh0 = _split_heads(t2i.v_proj(keys), t2i.num_heads)
-            qh0 = _split_heads(i2t.q_proj(keys_pe), i2t.num_heads)
-        self.cache = ImageCache(embedding, (h, w), pe, keys.contiguous(), keys_pe.contiguous(), kh0, vh0, qh0)
+            q0 = i2t.q_proj(keys_pe).contiguous()
+        self.cache = ImageCache(embedding, (h, w), image, pe, keys, keys_pe, kh0, vh0, q0)
         return self.cache
 
     def _require(self, embedding: Optional[torch.Tensor]) -> ImageCache:
@@ -200,7 +222,7 @@ class FastDecoder:
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(sparse.dtype)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         layers = dec.transformer.layers
-        queries, keys = tokens, None
+        queries, keys, keys_pe = tokens, None, None
         pe = cache.pe
         for i, layer in enumerate(layers):
             queries = layer.token_self_attention(queries, tokens)
@@ -212,22 +234,25 @@ class FastDecoder:
                 attn_out = _token_to_image_cached(layer.cross_attn_token_to_image, q, cache.kh0, cache.vh0)
             else:
                 if keys is None:  # first block with a mask prompt
-                    keys = cache.embedding.flatten(2).transpose(1, 2) + dense.flatten(2).transpose(1, 2)
-                attn_out = _token_to_image(layer.cross_attn_token_to_image, q, keys, pe)
+                    keys = (cache.image + dense.flatten(2).transpose(1, 2)).contiguous()
+                keys_pe = keys + pe  # both attentions of the block read it
+                attn_out = _token_to_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + tokens
             if shared:
-                summed = _image_to_token(layer.cross_attn_image_to_token, cache.keys, q, queries, cached_qh=cache.qh0)
+                summed = _image_to_token(layer.cross_attn_image_to_token, cache.keys, q, queries, cached_q=cache.q0)
             else:
-                summed = _image_to_token(layer.cross_attn_image_to_token, keys, q, queries, keys=keys, pe=pe)
+                summed = _image_to_token(layer.cross_attn_image_to_token, keys, q, queries, keys_pe=keys_pe)
+            keys_pe = None
             keys = layer.norm4(summed)
+            del summed
         # Final token-to-image attention, only for the IoU and mask tokens.
         n_out = 1 + dec.num_mask_tokens
         tf = dec.transformer
         queries, tok = queries[:, :n_out], tokens[:, :n_out]
         queries = tf.norm_final_attn(queries + _token_to_image(tf.final_attn_token_to_image, queries + tok,
-                                                               keys, pe))
+                                                               keys + pe, keys))
         iou = dec.iou_prediction_head(queries[:, 0, :])
         return iou, queries[:, 1:n_out, :], keys
 
