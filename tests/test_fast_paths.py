@@ -54,8 +54,9 @@ def test_apply_sets_switches_and_faithful_restores():
 # ------------------------------------------------------------------------------------ components
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("chunk,batch", [(2, 3), (16, 3), (16, 12)])  # upscaled in pieces / in one piece;
-def test_fast_decoder_matches_mask_decoder(multimask, with_mask, chunk, batch):  # 12 prompts: per-head logits
+# upscaled in pieces / in one piece; 12 prompts: per-head image-to-token logits instead of block-diagonal
+@pytest.mark.parametrize("chunk,batch", [(2, 3), (16, 3), (16, 12)])
+def test_fast_decoder_matches_mask_decoder(multimask, with_mask, chunk, batch):
     torch.manual_seed(0)
     dec = MaskDecoder(MaskDecoderConfig()).eval()
     for p in dec.parameters():  # non-trivial weights

@@ -3,9 +3,10 @@
 
 It produces the same proposals, in the same order, as the faithful ``MaskGenerator._process_batch``:
 
-* the two-way transformer runs for the whole batch, then the predicted-IoU filter runs *before* the
-  upscaling network, which is run only for prompts with at least one surviving mask (the IoU head reads
-  the IoU token only, so this is exact);
+* the two-way transformer runs for the whole batch, its final attention for the IoU token only; the
+  predicted-IoU filter then runs *before* the mask tokens' final attention and the upscaling network,
+  which run only for prompts with at least one surviving mask (the IoU head reads the IoU token only,
+  and in the final attention each token attends to the image on its own, so this is exact);
 * the surviving low-res logits go to the crop frame through :class:`~anyseg.fast.resize.MaskResizer`
   (one banded resampling, no ``S x S`` intermediate), in chunks under the generator's pixel budget;
 * stability, thresholding, boxes and the run boundaries are computed on the model's device; with
@@ -67,8 +68,12 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     sparse, _ = model.embed_prompts(points=(coords[:, None, :], labels), boxes=None, masks=None)
     decoder = predictor.fast_decoder()
     which = list(range(1, decoder.decoder.num_mask_tokens))
+    n_out = 1 + decoder.decoder.num_mask_tokens
     with decoder_autocast(model):
-        iou_all, mask_tokens, image_tokens = decoder.tokens(sparse.to(predictor.features.dtype))
+        queries, tokens, image_tokens = decoder.transformer(sparse.to(predictor.features.dtype))
+        # The predicted IoU reads the IoU token only: the final attention runs for it alone first, and
+        # for the mask tokens only of prompts that pass the filter.
+        iou_all = decoder.decoder.iou_prediction_head(decoder.final(queries, tokens, image_tokens, 0, 1)[:, 0])
         iou = iou_all[:, which].float()  # B x k
         if gen.pred_iou_thresh > 0.0:
             passed = iou > gen.pred_iou_thresh
@@ -80,7 +85,8 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
             empty = torch.zeros(0, 256, 256, device=model.device)
             return empty, torch.zeros(0), torch.zeros(0, 2, dtype=torch.float64)
         if prompts.numel() < iou.shape[0]:
-            mask_tokens, image_tokens = mask_tokens[prompts], image_tokens[prompts]
+            queries, tokens, image_tokens = queries[prompts], tokens[prompts], image_tokens[prompts]
+        mask_tokens = decoder.final(queries, tokens, image_tokens, 1, n_out)
         low_res = decoder.masks(mask_tokens, image_tokens, which).float().flatten(0, 1)
     del image_tokens
     keep = passed[prompts].flatten().nonzero().flatten()

@@ -205,17 +205,11 @@ class FastDecoder:
         return self.cache
 
     # ------------------------------------------------------------------------------------ decoding
-    def tokens(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
-               embedding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the two-way transformer for ``B`` prompts.
-
-        Args:
-            sparse: ``B x T x C`` prompt tokens; dense: ``B x C x h x w`` mask-prompt embedding, or None
-                for no mask prompt (the cached fast path).
-        Returns:
-            ``iou`` ``B x (1 + m)`` (all mask tokens), ``mask_tokens`` ``B x (1 + m) x C`` and the
-            processed image tokens ``B x N x C``.
-        """
+    def transformer(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
+                    embedding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two-way blocks for ``B`` prompts, without the final attention: ``(queries, tokens, keys)``,
+        the ``B x T x C`` token states and inputs and the ``B x N x C`` processed image tokens, for
+        :meth:`final`. Arguments as :meth:`tokens`."""
         cache = self._require(embedding)
         dec = self.decoder
         b = sparse.shape[0]
@@ -247,14 +241,32 @@ class FastDecoder:
             keys_pe = None
             keys = layer.norm4(summed)
             del summed
-        # Final token-to-image attention, only for the IoU and mask tokens.
-        n_out = 1 + dec.num_mask_tokens
-        tf = dec.transformer
-        queries, tok = queries[:, :n_out], tokens[:, :n_out]
-        queries = tf.norm_final_attn(queries + _token_to_image(tf.final_attn_token_to_image, queries + tok,
-                                                               keys + pe, keys))
-        iou = dec.iou_prediction_head(queries[:, 0, :])
-        return iou, queries[:, 1:n_out, :], keys
+        return queries, tokens, keys
+
+    def final(self, queries: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, first: int,
+              stop: int) -> torch.Tensor:
+        """The final token-to-image attention (and its norm) for tokens ``first .. stop - 1`` only: each
+        token attends to the image independently of the others. Returns ``B x (stop - first) x C``."""
+        tf = self.decoder.transformer
+        queries, tok = queries[:, first:stop], tokens[:, first:stop]
+        return tf.norm_final_attn(queries + _token_to_image(tf.final_attn_token_to_image, queries + tok,
+                                                            keys + self.cache.pe, keys))
+
+    def tokens(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
+               embedding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the two-way transformer for ``B`` prompts.
+
+        Args:
+            sparse: ``B x T x C`` prompt tokens; dense: ``B x C x h x w`` mask-prompt embedding, or None
+                for no mask prompt (the cached fast path).
+        Returns:
+            ``iou`` ``B x (1 + m)`` (all mask tokens), ``mask_tokens`` ``B x (1 + m) x C`` and the
+            processed image tokens ``B x N x C``.
+        """
+        queries, tokens, keys = self.transformer(sparse, dense, embedding)
+        n_out = 1 + self.decoder.num_mask_tokens
+        out = self.final(queries, tokens, keys, 0, n_out)  # only the IoU and mask tokens are read
+        return self.decoder.iou_prediction_head(out[:, 0, :]), out[:, 1:], keys
 
     def masks(self, mask_tokens: torch.Tensor, image_tokens: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
         """Upscale and apply the hypernetworks: ``B x m x C`` mask tokens and ``B x N x C`` image tokens ->
