@@ -97,6 +97,24 @@ def test_fused_vit_attention_in_query_blocks_matches_faithful(size):
     assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
+def test_fast_decoder_final_attention_per_token_range():
+    """Segment-everything runs the final attention for the IoU token alone, then for the mask tokens of
+    the prompts that pass: the same outputs as running it for all of them at once."""
+    torch.manual_seed(3)
+    dec = MaskDecoder(MaskDecoderConfig()).eval()
+    emb, pe, no_mask = torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8), torch.randn(1, 256)
+    sparse = torch.randn(4, 2, 256)
+    with torch.inference_mode():
+        fast = FastDecoder(dec, pe, no_mask)
+        iou, mask_tokens, keys = fast.tokens(sparse, embedding=emb)
+        queries, tokens, keys2 = fast.transformer(sparse)
+        iou_first = dec.iou_prediction_head(fast.final(queries, tokens, keys2, 0, 1)[:, 0])
+        rest = fast.final(queries[1:3], tokens[1:3], keys2[1:3], 1, 1 + dec.num_mask_tokens)
+    assert torch.allclose(iou_first, iou, atol=1e-5)
+    assert torch.allclose(rest, mask_tokens[1:3], atol=1e-5)
+    assert torch.equal(keys2, keys)
+
+
 def test_fast_decoder_without_projections_needs_a_mask_prompt():
     """``set_image(project=False)`` (the single-call form of ONNX export) skips the per-image
     projections: decoding with a dense prompt matches, decoding without one is refused."""

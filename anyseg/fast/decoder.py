@@ -39,9 +39,13 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _token_to_image(attn: Attention, q: torch.Tensor, keys_pe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Attention of ``B x T x C`` token queries over the image: keys ``keys_pe`` (the image tokens plus
-    the positional encoding), values ``keys``; both ``B x N x C``, or ``1 x N x C`` shared by the prompts.
+def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_pe: Optional[torch.Tensor] = None,
+                    pe: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of ``B x T x C`` token queries over the image: keys the image tokens plus the positional
+    encoding, values the image tokens ``keys`` (``B x N x C``, or ``1 x N x C`` shared by the prompts).
+    The keys are given summed (``keys_pe``), or as ``keys`` and the shared ``1 x N x C`` ``pe``: then the
+    sum is never formed and its logits are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one product
+    for all prompts (cheaper than a pass over ``B x N x C`` when the queries are few).
 
     The image is never projected: the key projection is folded into the queries (``(q Wk_h) keys_pe^T``;
     the key bias is constant along the softmax axis and dropped) and the value projection applied after
@@ -55,7 +59,13 @@ def _token_to_image(attn: Attention, q: torch.Tensor, keys_pe: torch.Tensor, key
     qh = _split_heads(attn.q_proj(q), heads) * (d**-0.5)  # B x H x T x d
     wk = attn.k_proj.weight.view(heads, d, c)  # H x d x C
     qk = torch.matmul(qh, wk).reshape(b, heads * t, c)  # B x HT x C
-    if keys.shape[0] == 1 and b > 1:  # shared image side: one product for all prompts
+    if keys_pe is None:
+        n = pe.shape[1]
+        pe_logits = torch.mm(qk.reshape(-1, c), pe[0].t()).view(b, heads * t, n)
+        kv = keys.expand(b, -1, -1) if keys.shape[0] != b else keys
+        probs = torch.baddbmm(pe_logits, qk, kv.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
+        pooled = torch.bmm(probs, kv).view(b, heads, t, c)
+    elif keys.shape[0] == 1 and b > 1:  # shared image side: one product for all prompts
         probs = torch.mm(qk.reshape(-1, c), keys_pe[0].t()).softmax(dim=-1)  # (B HT) x N
         pooled = torch.mm(probs, keys[0]).view(b, heads, t, c)
     else:
@@ -230,7 +240,7 @@ class FastDecoder:
                 if keys is None:  # first block with a mask prompt
                     keys = (cache.image + dense.flatten(2).transpose(1, 2)).contiguous()
                 keys_pe = keys + pe  # both attentions of the block read it
-                attn_out = _token_to_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
+                attn_out = _token_to_image(layer.cross_attn_token_to_image, q, keys, keys_pe=keys_pe)
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + tokens
@@ -249,8 +259,14 @@ class FastDecoder:
         token attends to the image independently of the others. Returns ``B x (stop - first) x C``."""
         tf = self.decoder.transformer
         queries, tok = queries[:, first:stop], tokens[:, first:stop]
-        return tf.norm_final_attn(queries + _token_to_image(tf.final_attn_token_to_image, queries + tok,
-                                                            keys + self.cache.pe, keys))
+        attn, q = tf.final_attn_token_to_image, queries + tok
+        if stop - first == 1:
+            # One query (the IoU token, segment-everything's filter): the positional term of its logits as
+            # one product against the shared encoding, instead of a pass forming keys + pe per prompt.
+            out = _token_to_image(attn, q, keys, pe=self.cache.pe)
+        else:
+            out = _token_to_image(attn, q, keys, keys_pe=keys + self.cache.pe)
+        return tf.norm_final_attn(queries + out)
 
     def tokens(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
                embedding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
