@@ -1,6 +1,8 @@
 """Fast paths (anyseg.speed / anyseg.fast) against the faithful path and the golden data."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -254,6 +256,32 @@ def test_int8_encoder_quality_bar_vit_small(manifest, golden_dir, images_dir):
     out = predictor_quality(model, SpeedConfig.lossless(int8_encoder=True), [image], [predictor_cases(entry, "dog.jpg")])
     assert out["min_iou"] >= 0.98, out["per_case"]
     assert get_config(model) is None
+
+
+def test_bf16_encoder_keeps_mobilesam_last_stage_and_neck_in_float32(manifest, golden_dir, images_dir):
+    """A bfloat16 MobileSAM encoder runs in a copy whose last TinyViT stage and neck stay float32 (the
+    default of ``SENSITIVE_MODULES``); the model's own modules and state dict are untouched, and the
+    golden cases keep mask IoU >= 0.98 (all-bfloat16 gives 0.93 on the worst case)."""
+    from anyseg.fast.quality import predictor_quality
+    from anyseg.speed import _Float32, float32_modules
+
+    entry = manifest["mobilesam"]
+    model = anyseg.load_model(golden_dir / entry["checkpoint"])
+    keys = list(model.state_dict())
+    config = SpeedConfig.lossless(encoder_dtype=torch.bfloat16)
+    assert float32_modules(model, config) == ("layers.3", "neck")
+    assert float32_modules(model, SpeedConfig.lossless(encoder_dtype=torch.float16)) == ()
+    assert float32_modules(model, replace(config, encoder_float32=())) == ()
+    apply(model, config)
+    encoder = model.speed_runtime.encoder
+    assert encoder is not model.image_encoder
+    assert isinstance(encoder.layers[3], _Float32) and isinstance(encoder.neck, _Float32)
+    assert not any(isinstance(m, _Float32) for m in model.modules()) and list(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="no submodule"):
+        apply(model, replace(config, encoder_float32=("layers.9",)))
+    image = anyseg.load_image(images_dir / "truck.jpg")
+    out = predictor_quality(model, config, [image], [predictor_cases(entry, "truck.jpg")])
+    assert out["min_iou"] >= 0.98, out["per_case"]
 
 
 # ------------------------------------------------------------------------------------------- GPU
