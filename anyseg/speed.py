@@ -79,8 +79,8 @@ class SpeedConfig:
         encoder_float32: names of image-encoder submodules that stay in float32 under a reduced-precision
             ``encoder_dtype`` (run in a copy of the encoder, autocast off inside them). None: the encoder
             kind's default from :data:`SENSITIVE_MODULES` for that dtype; ``()``: none.
-        keep_freed_memory: on Linux with glibc, let the C allocator keep freed blocks (up to 1 GiB)
-            for reuse instead of handing each large temporary back to the system, so the decoder's
+        keep_freed_memory: on Linux with glibc, let the C allocator keep freed blocks (below 128 MiB,
+            up to 256 MiB of them) for reuse instead of handing each large temporary back to the system, so the decoder's
             many 4 MB-per-prompt temporaries do not page-fault afresh on every call (see
             :func:`keep_freed_memory`). Process-wide and not undone; the computation is unchanged.
     """
@@ -274,14 +274,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_TUNED: Optional[bool] = None
 
 
-def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+def keep_freed_memory(mmap_threshold: int = 128 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Tune glibc's allocator for PyTorch's large CPU temporaries; returns whether it applied.
 
     By default glibc serves every block above a (dynamic, at most 32 MiB) threshold with a fresh
     ``mmap`` and returns it to the system on ``free``, so each new ``B x 4096 x 256`` float tensor of
     the mask decoder is zero-filled page by page by the kernel (about 1000 page faults per 4 MB). Here
     blocks below ``mmap_threshold`` come from the heap, and up to ``trim_threshold`` bytes of free heap
-    are kept for reuse. Results are unchanged; the process keeps up to ``trim_threshold`` of freed
+    are kept for reuse. Larger blocks are still mapped and unmapped, so big one-off tensors (full-size
+    masks) do not pin memory in the heap. Results are unchanged; the process keeps up to ``trim_threshold`` of freed
     memory mapped. Idempotent, process-wide, a no-op (False) where glibc is not the C library.
     """
     global _MALLOC_TUNED

@@ -154,7 +154,8 @@ def test_keep_freed_memory_reuses_large_blocks():
         x = torch.ones(1 << 22)
         del x
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 2000, f"{faults} page faults for 10 reused 16 MB blocks"
+    # Without it every block is faulted in afresh (10 x 4096 pages); with it at most the heap's growth.
+    assert faults < 2 * 4096, f"{faults} page faults for 10 reused 16 MB blocks"
     assert SpeedConfig.lossless().keep_freed_memory and not SpeedConfig.faithful().keep_freed_memory
 
 

@@ -25,6 +25,10 @@ from ..speed import decoder_autocast, get_config
 from .resize import get_resizer
 
 
+# Prompts decoded together on a CPU (their image-token tensors are CPU_DECODE_BATCH x 4 MB).
+CPU_DECODE_BATCH = 16
+
+
 def rle_counts_on_device(masks: torch.Tensor) -> List[np.ndarray]:
     """Column-major run lengths of ``B x H x W`` bool masks (as :func:`anyseg.masks.rle_counts`), with the
     transposition and change detection on the masks' device; only change positions reach the CPU."""
@@ -65,6 +69,12 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
             keep = (iou > gen.pred_iou_thresh).nonzero().flatten()
             low_res, iou, pts = low_res[keep.to(low_res.device)], iou[keep], pts[keep]
         return low_res, iou, pts
+    if model.device.type == "cpu" and points.shape[0] > CPU_DECODE_BATCH:
+        # On a CPU a few prompts at a time: the decoder's B x 4096 x 256 temporaries stay small enough to
+        # be reused from the heap (keep_freed_memory) and in cache; per-prompt work does not batch better.
+        parts = [decode_low_res(gen, points[i : i + CPU_DECODE_BATCH])
+                 for i in range(0, points.shape[0], CPU_DECODE_BATCH)]
+        return tuple(torch.cat(part) for part in zip(*parts))
     sparse, _ = model.embed_prompts(points=(coords[:, None, :], labels), boxes=None, masks=None)
     decoder = predictor.fast_decoder()
     which = list(range(1, decoder.decoder.num_mask_tokens))
