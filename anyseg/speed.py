@@ -80,9 +80,9 @@ class SpeedConfig:
             ``encoder_dtype`` (run in a copy of the encoder, autocast off inside them). None: the encoder
             kind's default from :data:`SENSITIVE_MODULES` for that dtype; ``()``: none.
         keep_freed_memory: on Linux with glibc, let the C allocator keep freed blocks (below 128 MiB,
-            up to 256 MiB of them) for reuse instead of handing each large temporary back to the system, so the decoder's
-            many 4 MB-per-prompt temporaries do not page-fault afresh on every call (see
-            :func:`keep_freed_memory`). Process-wide and not undone; the computation is unchanged.
+            up to 256 MiB of them) for reuse instead of handing each large temporary back to the
+            system, so the decoder's 4 MB-per-prompt temporaries do not page-fault afresh on every call
+            (see :func:`keep_freed_memory`). Process-wide and not undone; the computation is unchanged.
     """
 
     fused_attention: bool = False
@@ -282,8 +282,9 @@ def keep_freed_memory(mmap_threshold: int = 128 << 20, trim_threshold: int = 256
     the mask decoder is zero-filled page by page by the kernel (about 1000 page faults per 4 MB). Here
     blocks below ``mmap_threshold`` come from the heap, and up to ``trim_threshold`` bytes of free heap
     are kept for reuse. Larger blocks are still mapped and unmapped, so big one-off tensors (full-size
-    masks) do not pin memory in the heap. Results are unchanged; the process keeps up to ``trim_threshold`` of freed
-    memory mapped. Idempotent, process-wide, a no-op (False) where glibc is not the C library.
+    masks) do not pin memory in the heap. Results are unchanged; the process keeps up to
+    ``trim_threshold`` of freed memory mapped. Process-wide; only the first call sets the thresholds;
+    a no-op (False) where glibc is not the C library.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED is None:

@@ -58,6 +58,12 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     faithful order (point-major, the 3 masks of a point consecutive)."""
     predictor, model = gen.predictor, gen.model
     config = get_config(model)
+    if config.fast_decoder and model.device.type == "cpu" and points.shape[0] > CPU_DECODE_BATCH:
+        # On a CPU a few prompts at a time: the decoder's B x 4096 x 256 temporaries stay small enough to
+        # be reused from the heap (keep_freed_memory) and in cache; per-prompt work does not batch better.
+        parts = [decode_low_res(gen, points[i : i + CPU_DECODE_BATCH])
+                 for i in range(0, points.shape[0], CPU_DECODE_BATCH)]
+        return tuple(torch.cat(part) for part in zip(*parts))
     coords = coords_to_model_torch(points, predictor.original_size, model.img_size).to(model.device)
     labels = torch.ones(coords.shape[0], 1, dtype=torch.int64, device=coords.device)
     if not config.fast_decoder:
@@ -69,12 +75,6 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
             keep = (iou > gen.pred_iou_thresh).nonzero().flatten()
             low_res, iou, pts = low_res[keep.to(low_res.device)], iou[keep], pts[keep]
         return low_res, iou, pts
-    if model.device.type == "cpu" and points.shape[0] > CPU_DECODE_BATCH:
-        # On a CPU a few prompts at a time: the decoder's B x 4096 x 256 temporaries stay small enough to
-        # be reused from the heap (keep_freed_memory) and in cache; per-prompt work does not batch better.
-        parts = [decode_low_res(gen, points[i : i + CPU_DECODE_BATCH])
-                 for i in range(0, points.shape[0], CPU_DECODE_BATCH)]
-        return tuple(torch.cat(part) for part in zip(*parts))
     sparse, _ = model.embed_prompts(points=(coords[:, None, :], labels), boxes=None, masks=None)
     decoder = predictor.fast_decoder()
     which = list(range(1, decoder.decoder.num_mask_tokens))

@@ -10,8 +10,12 @@ arithmetic, so in float32 its outputs match the faithful decoder to rounding (ab
   few and the N = 4096 keys many. ``softmax(q (K Wk + bk)^T) (K Wv + bv)`` equals
   ``softmax((q Wk^T) K^T) K Wv + bv``: the key bias is constant along the softmax axis and the softmax
   rows sum to one. That costs ``heads * T * N * C`` instead of projecting all N keys. Image-to-token
-  attention is rewritten the same way, with the output projection folded into the T values.
-* **Only the needed tokens** go through the final attention (IoU and mask tokens).
+  attention is rewritten the same way, with the output projection folded into the T values. The keys
+  plus positional encoding are formed once per block and read by both attentions; with few prompts the
+  first block's cached image-to-token logits are one product against a block-diagonal token matrix.
+* **Only the needed tokens** go through the final attention (IoU and mask tokens), and
+  :meth:`FastDecoder.final` runs it for any range of them (each token attends on its own): segment
+  everything runs it for the IoU token first and for the mask tokens of surviving prompts only.
 * **Transposed convolutions as matrix products** on channels-last pixels (kernel = stride = 2 means
   each input pixel maps to its own 2 x 2 output block), with the pixel shuffle applied once, to the
   few output masks at the end, and only for the masks asked for.
@@ -147,9 +151,9 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
 class ImageCache:
     """Prompt-independent decoder work for one image embedding (see the module docstring).
 
-    image: ``1 x N x C`` image tokens; keys: those plus the no-mask embedding; keys_pe: ``1 x N x C`` that plus the
-    positional encoding; pe: ``1 x N x C``; kh0, vh0: ``1 x H x N x d`` first-block token-to-image key and
-    value projections; q0: ``1 x N x (H d)`` first-block image-to-token query projection.
+    image: ``1 x N x C`` image tokens; keys: those plus the no-mask embedding; keys_pe: that plus the
+    positional encoding; pe: ``1 x N x C``; kh0, vh0: ``1 x H x N x d`` first-block token-to-image key
+    and value projections; q0: ``1 x N x (H d)`` first-block image-to-token query projection.
     """
 
     embedding: torch.Tensor
