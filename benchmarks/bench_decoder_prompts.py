@@ -11,6 +11,7 @@ Prints a table: batch size, milliseconds per prompt (median of the repeats), spe
 
 usage:
   python benchmarks/bench_decoder_prompts.py [--batches 1,4,16,64] [--seconds 2] [--threads N]
+      [--default-allocator]
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,4,16,64", help="comma-separated prompts per call")
     parser.add_argument("--seconds", type=float, default=2.0, help="time spent per row and path")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (default: anyseg.speed.keep_freed_memory(), as the "
+                             "lossless and auto presets do; it is process-wide, so compare in two runs)")
     args = parser.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
@@ -50,6 +54,10 @@ def main(argv=None) -> int:
     from anyseg.fast.decoder import FastDecoder
     from anyseg.modeling.mask_decoder import MaskDecoder
 
+    from anyseg.speed import keep_freed_memory
+
+    allocator = "default allocator" if args.default_allocator else (
+        "keep_freed_memory" if keep_freed_memory() else "default allocator (keep_freed_memory unavailable)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -74,7 +82,8 @@ def main(argv=None) -> int:
             faithful = _per_prompt_ms(faithful_step, b, args.seconds)
             tokens = _per_prompt_ms(lambda: fast.tokens(sparse), b, args.seconds)
             rows.append((b, faithful, tokens))
-    print(f"\ntwo-way transformer per prompt, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"\ntwo-way transformer per prompt, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"{allocator}")
     print("| prompts per call | faithful transformer + IoU head (ms / prompt) | FastDecoder.tokens (ms / prompt) | speed-up |")
     print("|---:|---:|---:|---:|")
     for b, faithful, tokens in rows:
