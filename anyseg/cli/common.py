@@ -31,18 +31,28 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, 
     )
 
 
-def load_model_from_args(args: argparse.Namespace, *, img_size: Optional[int] = None):
-    """The model of ``--model`` on ``--device`` with ``--speed`` (and at ``img_size`` px when given)."""
+def load_model_from_args(args: argparse.Namespace, *, img_size: Optional[int] = None,
+                         keep_freed_memory: bool = True):
+    """The model of ``--model`` on ``--device`` with ``--speed`` (and at ``img_size`` px when given).
+
+    ``keep_freed_memory=False`` leaves the C allocator as it is even where the speed preset would tune it
+    (a long-running server whose memory should follow its cache bound)."""
+    from dataclasses import replace
+
     import torch
 
     from ..checkpoint import load_model
+    from ..speed import resolve
 
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    speed = getattr(args, "speed", None)
+    if not keep_freed_memory and speed is not None:
+        speed = replace(resolve(speed, device), keep_freed_memory=False)
     if str(args.model).strip().lower() == "nano":
         import sys
 
         print(f"anyseg: {NANO_NOTICE}", file=sys.stderr)
-    return load_model(args.model, device=device, speed=getattr(args, "speed", None), img_size=img_size)
+    return load_model(args.model, device=device, speed=speed, img_size=img_size)
 
 
 def parse_numbers(text: str, counts: Tuple[int, ...], what: str) -> List[float]:

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and settings.token is None:
         print(f"anyseg serve: warning: listening on {args.host} without --token: anyone who can reach this "
               "address can use the API", file=sys.stderr)
-    model = load_model_from_args(args)
+    # A server's memory should follow its cache bound: glibc keeps returning freed decoder buffers.
+    model = load_model_from_args(args, keep_freed_memory=False)
     app = create_app(model, settings)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"anyseg serve: model {args.model} on {model.device}; open http://{shown}:{args.port}/"

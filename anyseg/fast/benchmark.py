@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..speed import SpeedConfig, apply, cpu_capabilities
+from ..speed import SpeedConfig, apply, cpu_capabilities, keep_freed_memory
 
 TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
 # Not in the default set (slow on a CPU): the ViT-H encoder, and ViT-L.
@@ -345,9 +345,14 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
                                  f"{', '.join(configs)}")
             configs = {k: v for k, v in configs.items() if k in only_configs}
         gpu = device.type == "cuda"
+        # keep_freed_memory is process-wide and cannot be undone: set it before the first row when any
+        # configuration asks for it, so every row (faithful ones too) runs with the same allocator.
+        tuned = (device.type == "cpu" and any(c.keep_freed_memory for c in configs.values())
+                 and keep_freed_memory())
         batch = encode_batch or (8 if gpu else 1)
         amg_variant = amg_model or ("vit_h" if gpu else "vit_t")
-        meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_description(device),
+        machine = machine_description(device) + (", glibc allocator keeps freed memory (all rows)" if tuned else "")
+        meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine,
                 "device": str(device), "quick": quick, "note": note,
                 "image": f"{image.shape[1]}x{image.shape[0]}"}
         log(f"== {meta['machine']} [{dev}]")
