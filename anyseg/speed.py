@@ -269,22 +269,22 @@ def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch
     return model
 
 
-# glibc mallopt parameters (malloc.h).
+# glibc mallopt parameters (malloc.h), and the values keep_freed_memory sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 128 << 20, 256 << 20
 _MALLOC_TUNED: Optional[bool] = None
 
 
-def keep_freed_memory(mmap_threshold: int = 128 << 20, trim_threshold: int = 256 << 20) -> bool:
+def keep_freed_memory() -> bool:
     """Tune glibc's allocator for PyTorch's large CPU temporaries; returns whether it applied.
 
     By default glibc serves every block above a (dynamic, at most 32 MiB) threshold with a fresh
     ``mmap`` and returns it to the system on ``free``, so each new ``B x 4096 x 256`` float tensor of
     the mask decoder is zero-filled page by page by the kernel (about 1000 page faults per 4 MB). Here
-    blocks below ``mmap_threshold`` come from the heap, and up to ``trim_threshold`` bytes of free heap
-    are kept for reuse. Larger blocks are still mapped and unmapped, so big one-off tensors (full-size
-    masks) do not pin memory in the heap. Results are unchanged; the process keeps up to
-    ``trim_threshold`` of freed memory mapped. Process-wide; only the first call sets the thresholds;
-    a no-op (False) where glibc is not the C library.
+    blocks below ``MMAP_THRESHOLD`` (128 MiB) come from the heap, and up to ``TRIM_THRESHOLD`` (256 MiB)
+    of free heap is kept for reuse. Larger blocks are still mapped and unmapped, so big one-off tensors
+    (full-size masks) do not pin memory in the heap. Results are unchanged. Process-wide and
+    idempotent; a no-op (False) where glibc is not the C library.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED is None:
@@ -296,8 +296,8 @@ def keep_freed_memory(mmap_threshold: int = 128 << 20, trim_threshold: int = 256
                 import ctypes
 
                 libc = ctypes.CDLL("libc.so.6")
-                ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
-                ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) and ok
+                ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and ok
                 _MALLOC_TUNED = bool(ok)
             except (OSError, AttributeError):  # pragma: no cover - no usable libc
                 _MALLOC_TUNED = False

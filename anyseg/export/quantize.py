@@ -123,9 +123,9 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "weights", per_chann
     above ~1.8 GB is stored with external data (``<dst>.data``). ``keep_float``: parts of node names
     (e.g. ``"image_encoder/layers.3/"``) whose linear layers stay float32, for layers the masks are
     sensitive to; None (default) keeps :data:`SENSITIVE_LAYERS` of the graph's encoder kind with
-    ``method="weights"`` (see :func:`default_keep_float`), ``()`` none. Raises ``ValueError`` for an unknown method, a missing or unreadable ``src``,
-    ``dst == src``, a ``keep_float`` part that matches no linear layer, or a graph without linear
-    layers left to quantize. Returns ``dst``.
+    ``method="weights"`` (see :func:`default_keep_float`), ``()`` none. Raises ``ValueError`` for an
+    unknown method, a missing or unreadable ``src``, ``dst == src``, a ``keep_float`` part that matches
+    no linear layer, or a graph without linear layers left to quantize. Returns ``dst``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

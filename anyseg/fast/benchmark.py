@@ -28,8 +28,6 @@ import torch
 from ..speed import SpeedConfig, apply, cpu_capabilities, keep_freed_memory
 
 TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
-# Not in the default set (slow on a CPU): the ViT-H encoder, and ViT-L.
-EXTRA_TASKS = ("encode_vit_h", "encode_vit_l")
 
 
 def _rss_bytes() -> int:

@@ -46,8 +46,8 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_pe: Optional[torch.Tensor] = None,
                     pe: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of ``B x T x C`` token queries over the image: keys the image tokens plus the positional
-    encoding, values the image tokens ``keys`` (``B x N x C``, or ``1 x N x C`` shared by the prompts).
-    The keys are given summed (``keys_pe``), or as ``keys`` and the shared ``1 x N x C`` ``pe``: then the
+    encoding, values the image tokens ``keys`` (``B x N x C``). The keys are given summed
+    (``keys_pe``, ``B x N x C``), or as ``keys`` and the shared ``1 x N x C`` ``pe``: then the
     sum is never formed and its logits are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one product
     for all prompts (cheaper than a pass over ``B x N x C`` when the queries are few).
 
@@ -66,15 +66,10 @@ def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_p
     if keys_pe is None:
         n = pe.shape[1]
         pe_logits = torch.mm(qk.reshape(-1, c), pe[0].t()).view(b, heads * t, n)
-        kv = keys.expand(b, -1, -1) if keys.shape[0] != b else keys
-        probs = torch.baddbmm(pe_logits, qk, kv.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
-        pooled = torch.bmm(probs, kv).view(b, heads, t, c)
-    elif keys.shape[0] == 1 and b > 1:  # shared image side: one product for all prompts
-        probs = torch.mm(qk.reshape(-1, c), keys_pe[0].t()).softmax(dim=-1)  # (B HT) x N
-        pooled = torch.mm(probs, keys[0]).view(b, heads, t, c)
+        probs = torch.baddbmm(pe_logits, qk, keys.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
     else:
         probs = torch.bmm(qk, keys_pe.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
-        pooled = torch.bmm(probs, keys).view(b, heads, t, c)  # B x H x T x C
+    pooled = torch.bmm(probs, keys).view(b, heads, t, c)  # B x H x T x C
     wv = attn.v_proj.weight.view(heads, d, c)  # H x d x C
     out = torch.matmul(pooled, wv.transpose(1, 2)) + attn.v_proj.bias.view(1, heads, 1, d)  # B x H x T x d
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, internal))
@@ -140,8 +135,7 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
         wq = attn.q_proj.weight.view(heads, d, -1)  # H x d x C
         a = torch.einsum("bthd,hdc->bthc", kh, wq).reshape(b, t * heads, -1)  # B x TH x C
         const = (kh * attn.q_proj.bias.view(1, 1, heads, d)).sum(-1).reshape(b, 1, t * heads)
-        qs = keys_pe.expand(b, -1, -1) if keys_pe.shape[0] != b else keys_pe
-        logits = torch.baddbmm(const, qs, a.transpose(1, 2)).view(b, -1, t, heads)  # B x N x T x H
+        logits = torch.baddbmm(const, keys_pe, a.transpose(1, 2)).view(b, -1, t, heads)  # B x N x T x H
         n = logits.shape[1]
     probs = logits.softmax(dim=2).view(b, n, t * heads)
     return torch.baddbmm(residual, probs, vo)
@@ -151,9 +145,9 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
 class ImageCache:
     """Prompt-independent decoder work for one image embedding (see the module docstring).
 
-    image: ``1 x N x C`` image tokens; keys: those plus the no-mask embedding; keys_pe: that plus the
-    positional encoding; pe: ``1 x N x C``; kh0, vh0: ``1 x H x N x d`` first-block token-to-image key
-    and value projections; q0: ``1 x N x (H d)`` first-block image-to-token query projection.
+    image: ``1 x N x C`` image tokens; keys: those plus the no-mask embedding; pe: ``1 x N x C``;
+    kh0, vh0: ``1 x H x N x d`` first-block token-to-image key and value projections (of keys plus pe,
+    and of keys); q0: ``1 x N x (H d)`` first-block image-to-token query projection (of keys plus pe).
     """
 
     embedding: torch.Tensor
@@ -161,7 +155,6 @@ class ImageCache:
     image: torch.Tensor
     pe: torch.Tensor
     keys: torch.Tensor
-    keys_pe: torch.Tensor
     kh0: Optional[torch.Tensor]
     vh0: Optional[torch.Tensor]
     q0: Optional[torch.Tensor]
@@ -200,15 +193,15 @@ class FastDecoder:
         pe = self.image_pe.to(embedding.dtype).flatten(2).transpose(1, 2).contiguous()
         image = embedding.flatten(2).transpose(1, 2).contiguous()
         keys = image + self.no_mask_embed.to(embedding.dtype).view(1, 1, c)
-        keys_pe = keys + pe
         kh0 = vh0 = q0 = None
         if project:
+            keys_pe = keys + pe
             block: TwoWayAttentionBlock = self.decoder.transformer.layers[0]
             t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
             kh0 = _split_heads(t2i.k_proj(keys_pe), t2i.num_heads)
             vh0 = _split_heads(t2i.v_proj(keys), t2i.num_heads)
             q0 = i2t.q_proj(keys_pe).contiguous()
-        self.cache = ImageCache(embedding, (h, w), image, pe, keys, keys_pe, kh0, vh0, q0)
+        self.cache = ImageCache(embedding, (h, w), image, pe, keys, kh0, vh0, q0)
         return self.cache
 
     def _require(self, embedding: Optional[torch.Tensor]) -> ImageCache:
