@@ -201,15 +201,19 @@ def float32_modules(model: torch.nn.Module, config: "SpeedConfig") -> Tuple[str,
 
 
 class _Float32(torch.nn.Module):
-    """Runs ``inner`` in float32 with autocast off; the output goes back to the input's dtype."""
+    """Runs ``inner`` in float32 with autocast off. Under autocast the output stays float32 (the next
+    operations cast it as they need; the encoder's last module then hands over a float32 embedding); in
+    a copy of the encoder cast to a reduced dtype it goes back to the input's dtype."""
 
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner = inner.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return self.inner(x.float()).to(x.dtype)
+            out = self.inner(x.float())
+        return out if autocast else out.to(x.dtype)
 
 
 def _with_float32(encoder: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module:
