@@ -184,7 +184,7 @@ def cpu_capabilities() -> Dict[str, Any]:
 
 # Image-encoder submodules kept in float32 by default under a reduced-precision encoder, per encoder
 # class and dtype. MobileSAM (TinyViT) with a bfloat16 encoder gives a minimum golden mask IoU of 0.928
-# against float32; with its last stage and neck in float32, 0.991 (bfloat16 on the CPU, docs/speed.md).
+# against float32; with its last stage and neck in float32, 0.991 (benchmarks/bench_bf16_encoder.py).
 # float16 (GPU) keeps the bar without it.
 SENSITIVE_MODULES: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
     ("TinyViT", torch.bfloat16): ("layers.3", "neck"),

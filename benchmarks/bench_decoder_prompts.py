@@ -7,7 +7,8 @@ Upscaling and mask post-processing are not included: the faithful side is
 IoU head). A random-weight SAM decoder (256 wide, 64 x 64 embedding grid, two prompt tokens per prompt
 as a grid point gives) is timed at several batch sizes.
 
-Prints a table: batch size, milliseconds per prompt (median of the repeats), speed-up.
+Prints a table: batch size, milliseconds per prompt (median of the repeats), speed-up; then the
+multiply-adds of one prompt through each part of the decoder (torch.utils.flop_counter).
 
 usage:
   python benchmarks/bench_decoder_prompts.py [--batches 1,4,16,64] [--seconds 2] [--threads N]
@@ -88,7 +89,42 @@ def main(argv=None) -> int:
     print("|---:|---:|---:|---:|")
     for b, faithful, tokens in rows:
         print(f"| {b} | {faithful:.1f} | {tokens:.1f} | {faithful / tokens:.2f}x |")
+    _print_multiply_adds(decoder, fast, no_mask)
     return 0
+
+
+def _print_multiply_adds(decoder, fast, no_mask) -> None:
+    """Multiply-adds of one prompt (a point plus the padding point) through each part of the decoder,
+    counted by torch.utils.flop_counter (matrix products; 2 FLOPs per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sparse = torch.randn(1, 2, 256)
+    mask_prompt = torch.randn(1, 256, 64, 64)
+    m = decoder.num_mask_tokens
+
+    def faithful_click():
+        dense = no_mask.view(1, -1, 1, 1).expand(1, -1, 64, 64)
+        return decoder(fast.cache.embedding, fast.image_pe, sparse, dense, True)
+
+    parts = [
+        ("faithful MaskDecoder, 3 masks", faithful_click),
+        ("FastDecoder.tokens, no mask prompt (a click)", lambda: fast.tokens(sparse)),
+        ("FastDecoder.tokens, with a mask prompt (refinement; the app's graph)", lambda: fast.tokens(sparse, mask_prompt)),
+        ("FastDecoder.transformer + final attention of the IoU token (segment everything)",
+         lambda: fast.final(*fast.transformer(sparse), 0, 1)),
+    ]
+    with torch.inference_mode():
+        _, mask_tokens, image_tokens = fast.tokens(sparse)
+        parts += [(f"FastDecoder.masks, {k} masks (upscaling network)",
+                   lambda k=k: fast.masks(mask_tokens, image_tokens, range(m - k, m))) for k in (3, m)]
+        print("\nmultiply-adds per prompt")
+        print("| part | G multiply-adds |")
+        print("|---|---:|")
+        for name, fn in parts:
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            print(f"| {name} | {counter.get_total_flops() / 2e9:.3f} |")
 
 
 if __name__ == "__main__":
