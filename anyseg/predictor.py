@@ -182,14 +182,21 @@ class SamPredictor:
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.model.embed_prompts(points=points, boxes=boxes, masks=mask_input)
         config = get_config(self.model)
         if config is not None and config.fast_decoder:
+            # A mask prompt goes in before the prompt encoder's last (1 x 1) layer: the fast decoder folds
+            # that layer into its per-image cache.
+            sparse, _ = self.model.embed_prompts(points=points, boxes=boxes)
+            hidden = None
+            if mask_input is not None:
+                hidden = self.model.prompt_encoder.mask_downscaling[:-1](mask_input).to(self.features.dtype)
+                if sparse.shape[0] != hidden.shape[0]:
+                    sparse = sparse.expand(hidden.shape[0], -1, -1)
             with speed.decoder_autocast(self.model):
-                low_res, iou = self.fast_decoder()(sparse.to(self.features.dtype),
-                                                   None if mask_input is None else dense.to(self.features.dtype),
-                                                   multimask_output)
+                low_res, iou = self.fast_decoder()(sparse.to(self.features.dtype), None, multimask_output,
+                                                   mask_hidden=hidden)
         else:
+            sparse, dense = self.model.embed_prompts(points=points, boxes=boxes, masks=mask_input)
             low_res, iou = self.model.decode(self.features, sparse.to(self.features.dtype),
                                              dense.to(self.features.dtype), multimask_output)
         low_res = low_res.float()
@@ -208,7 +215,8 @@ class SamPredictor:
         if self._fast_decoder is None:
             model = self.model
             self._fast_decoder = FastDecoder(model.mask_decoder, model.prompt_encoder.get_dense_pe(),
-                                             model.prompt_encoder.no_mask_embed.weight)
+                                             model.prompt_encoder.no_mask_embed.weight,
+                                             mask_projection=model.prompt_encoder.mask_downscaling[-1])
             with speed.decoder_autocast(model):
                 self._fast_decoder.set_image(self.features)
         return self._fast_decoder

@@ -117,6 +117,41 @@ def test_fast_decoder_final_attention_per_token_range():
     assert torch.equal(keys2, keys)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 12])  # 12: per-head image-to-token logits (not block-diagonal)
+def test_fast_decoder_mask_prompt_through_the_cache(batch):
+    """A mask prompt given before its last 1 x 1 layer (``mask_hidden``) goes through the per-image
+    cache: the same masks as the faithful decoder given the full dense embedding, one mask per prompt;
+    ``mask_present`` 0 gives the no-mask answer. Misuse is refused with a clear message."""
+    torch.manual_seed(4)
+    dec = MaskDecoder(MaskDecoderConfig()).eval()
+    for p in dec.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    conv = torch.nn.Conv2d(16, 256, kernel_size=1)
+    emb, pe, no_mask = torch.randn(1, 256, 12, 12), torch.randn(1, 256, 12, 12), torch.randn(1, 256)
+    sparse, hidden = torch.randn(batch, 3, 256), torch.randn(batch, 16, 12, 12)
+    with torch.inference_mode():
+        want_masks, want_iou = dec(emb, pe, sparse, conv(hidden), True)
+        fast = FastDecoder(dec, pe, no_mask, mask_projection=conv)
+        got_masks, got_iou = fast(sparse, None, True, embedding=emb, mask_hidden=hidden)
+        none_masks, none_iou = dec(emb, pe, sparse, no_mask.view(1, -1, 1, 1).expand(batch, -1, 12, 12), True)
+        iou, mask_tokens, image_tokens = fast.tokens(sparse, mask_hidden=hidden, mask_present=torch.zeros(1))
+        absent = fast.masks(mask_tokens, image_tokens, [1, 2, 3])
+        with pytest.raises(ValueError, match="not both"):
+            fast(sparse, conv(hidden), True, mask_hidden=hidden)
+        with pytest.raises(ValueError, match="B x 16 x 12 x 12"):
+            fast(sparse, None, True, mask_hidden=hidden[..., :6])
+        with pytest.raises(ValueError, match="mask_projection"):
+            FastDecoder(dec, pe, no_mask)(sparse, None, True, embedding=emb, mask_hidden=hidden)
+        with pytest.raises(ValueError, match="1 x 1 Conv2d"):
+            FastDecoder(dec, pe, no_mask, mask_projection=torch.nn.Conv2d(16, 256, kernel_size=2))
+    tol = 1e-4 * max(1.0, want_masks.abs().max().item())
+    assert got_masks.shape == want_masks.shape and (got_masks - want_masks).abs().max().item() <= tol
+    assert (got_iou - want_iou).abs().max().item() <= 1e-4
+    assert (absent - none_masks).abs().max().item() <= tol
+    assert (iou[:, 1:] - none_iou).abs().max().item() <= 1e-4
+    assert (got_masks - none_masks).abs().max().item() > 100 * tol  # the mask prompt does change the answer
+
+
 def test_fast_decoder_without_projections_needs_a_mask_prompt():
     """``set_image(project=False)`` (the single-call form of ONNX export) skips the per-image
     projections: decoding with a dense prompt matches, decoding without one is refused."""

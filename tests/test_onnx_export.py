@@ -21,7 +21,7 @@ from conftest import mask_iou  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import anyseg  # noqa: E402
-from anyseg.export import export_decoder, export_encoder, quantize  # noqa: E402
+from anyseg.export import CACHE_OUTPUTS, export_decoder, export_decoder_cache, export_encoder, quantize  # noqa: E402
 from anyseg.export.quantize import default_keep_float  # noqa: E402
 from anyseg.geometry import resized_shape  # noqa: E402
 from anyseg.imageio import load_image  # noqa: E402
@@ -243,6 +243,42 @@ def test_decoder_options(setup, tmp_path):
     masks, _, _ = pred.predict(**prompts[0])
     want, _, _ = torch_pred.predict(**prompts[0])
     assert min(mask_iou(a, b) for a, b in zip(masks, want)) >= 0.99
+
+
+def test_decoder_image_cache_graphs(setup, tmp_path):
+    """The labelling app's pair of graphs: the per-image cache graph once, then the decoder graph that
+    takes its three projections. For clicks, several points and a box, with and without a mask prompt,
+    the same low-res logits and scores as the faithful graph; OnnxPredictor refuses the decoder graph."""
+    if setup["name"] != "mobilesam":
+        pytest.skip("checked on one checkpoint: both golden models share the decoder architecture")
+    model, torch_pred = setup["model"], setup["predictors"]["landscape"]
+    cache_graph = export_decoder_cache(model, tmp_path / "cache.onnx")
+    decoder = export_decoder(model, tmp_path / "cached.onnx", fast=True, upscale_masks=False, image_cache=True)
+    with pytest.raises(ValueError, match="fast=True"):
+        export_decoder(model, tmp_path / "bad.onnx", image_cache=True)
+    embedding = torch_pred.get_image_embedding().numpy()
+    projections = ort.InferenceSession(str(cache_graph), providers=CPU).run(None, {"image_embeddings": embedding})
+    assert [p.shape for p in projections] == [(1, 8, 4096, 16), (1, 8, 4096, 16), (1, 4096, 128)]
+    sess = ort.InferenceSession(str(decoder), providers=CPU)
+    assert [i.name for i in sess.get_inputs()] == ["image_embeddings", "image_key_proj", "image_value_proj",
+                                                    "image_query_proj", "point_coords", "point_labels",
+                                                    "mask_input", "has_mask_input"]
+    full = ort.InferenceSession(str(setup["paths"]["decoder"]), providers=CPU)
+    prompts = [([[300.0, 500.0], [0.0, 0.0]], [1, -1]),
+               ([[300.0, 500.0], [700.0, 200.0], [120.0, 900.0], [0.0, 0.0]], [1, 0, 1, -1]),
+               ([[100.0, 200.0], [600.0, 700.0]], [2, 3])]
+    for coords, labels in prompts:
+        for has_mask in (0.0, 1.0):
+            feeds = {"image_embeddings": embedding,
+                     "point_coords": np.array([coords], np.float32), "point_labels": np.array([labels], np.float32),
+                     "mask_input": setup["refine"][None].astype(np.float32),
+                     "has_mask_input": np.array([has_mask], np.float32)}
+            scores, low_res = sess.run(None, dict(feeds, **dict(zip(CACHE_OUTPUTS, projections))))
+            _, want_scores, want_low = full.run(None, dict(feeds, orig_im_size=np.array([40.0, 25.0], np.float32)))
+            assert rel_err(low_res, want_low) <= 1e-5, (coords, has_mask)
+            assert np.abs(scores - want_scores).max() <= 1e-5, (coords, has_mask)
+    with pytest.raises(GraphError, match="image_cache=True"):
+        OnnxPredictor(None, decoder, providers=CPU)
 
 
 def test_encoder_matches_torch(setup):

@@ -5,9 +5,11 @@
 ``quantize(src, dst)`` makes an int8 copy (int8 weights; or dynamic quantization). Needs the ``onnx`` extra
 (``pip install 'anyseg[onnx]'``) and torch.
 """
-from .decoder import DECODER_INPUTS, DECODER_OUTPUTS, SamOnnxDecoder, export_decoder
+from .decoder import (CACHE_OUTPUTS, DECODER_INPUTS, DECODER_OUTPUTS, SamOnnxDecoder, SamOnnxDecoderCache,
+                      export_decoder, export_decoder_cache)
 from .encoder import ENCODER_INPUTS, ENCODER_OUTPUTS, SamOnnxEncoder, export_encoder
 from .quantize import quantize
 
-__all__ = ["DECODER_INPUTS", "DECODER_OUTPUTS", "ENCODER_INPUTS", "ENCODER_OUTPUTS", "SamOnnxDecoder",
-           "SamOnnxEncoder", "export_decoder", "export_encoder", "quantize"]
+__all__ = ["CACHE_OUTPUTS", "DECODER_INPUTS", "DECODER_OUTPUTS", "ENCODER_INPUTS", "ENCODER_OUTPUTS",
+           "SamOnnxDecoder", "SamOnnxDecoderCache", "SamOnnxEncoder", "export_decoder", "export_decoder_cache",
+           "export_encoder", "quantize"]

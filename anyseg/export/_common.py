@@ -23,6 +23,7 @@ META_OPSET = "anyseg.opset"
 META_IMG_SIZE = "anyseg.img_size"
 FORMAT_VERSION = "1"
 KIND_DECODER = "sam_decoder"
+KIND_DECODER_CACHE = "sam_decoder_cache"
 KIND_ENCODER = "sam_encoder"
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -28,6 +28,15 @@ With ``upscale_masks=False`` the graph stops at the low-res logits: its outputs 
 ``iou_predictions`` and ``low_res_masks`` only and it takes no ``orig_im_size``. The caller upscales
 the masks it shows (the labelling app does so in JavaScript, for the one candidate on screen), which
 saves the two full-size resizes of all ``k`` masks per click.
+
+Per-image cache (``image_cache=True``, with ``fast=True``)
+--------------------------------------------------------
+The first two-way block's projections of the image do not depend on the prompt, so they can be
+computed once per image by a second graph, ``export_decoder_cache(model, path)``: input
+``image_embeddings``, outputs ``image_key_proj`` and ``image_value_proj`` (``1 x 8 x 4096 x 16``) and
+``image_query_proj`` (``1 x 4096 x 128``). The decoder graph then takes these three after
+``image_embeddings`` and does less work per click; a mask prompt enters through them too (see
+:class:`anyseg.fast.decoder.FastDecoder`). The labelling app runs both graphs in the page.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ from torch import nn
 from ._common import (
     FORMAT_VERSION,
     KIND_DECODER,
+    KIND_DECODER_CACHE,
     META_FORMAT,
     META_IMG_SIZE,
     META_KIND,
@@ -53,6 +63,7 @@ from ._common import (
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
                   "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+CACHE_OUTPUTS = ("image_key_proj", "image_value_proj", "image_query_proj")
 
 
 def _plain_copy(module: nn.Module, gelu_approximate: bool) -> nn.Module:
@@ -85,12 +96,17 @@ class SamOnnxDecoder(nn.Module):
             arithmetic (attention without projecting the 4096 image tokens, transposed convolutions
             as matrix products): the same function to float32 rounding, with less work per click
             (``benchmarks/bench_browser.py`` times both graphs).
+        image_cache: (with ``fast``) take the first block's image projections as inputs (the outputs of
+            :class:`SamOnnxDecoderCache`) instead of computing them per click.
     """
 
     def __init__(self, model, *, return_single_mask: bool = False, use_stability_score: bool = False,
                  gelu_approximate: bool = False, stability_score_offset: float = 1.0, fast: bool = False,
-                 upscale_masks: bool = True) -> None:
+                 upscale_masks: bool = True, image_cache: bool = False) -> None:
         super().__init__()
+        if image_cache and not fast:
+            raise ValueError("image_cache=True needs fast=True (the faithful graph has no per-image cache)")
+        self.image_cache = bool(image_cache)
         self.upscale_masks = bool(upscale_masks)
         self.prompt_encoder = _plain_copy(model.prompt_encoder, gelu_approximate)
         self.mask_decoder = _plain_copy(model.mask_decoder, gelu_approximate)
@@ -122,14 +138,27 @@ class SamOnnxDecoder(nn.Module):
         dense = has_mask_input * pe.mask_downscaling(mask_input)
         return dense + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
 
-    def _fast_predict(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+    def _fast_decoder(self):
         from ..fast.decoder import FastDecoder
 
+        pe = self.prompt_encoder
+        return FastDecoder(self.mask_decoder, self.dense_pe, pe.no_mask_embed.weight,
+                           mask_projection=pe.mask_downscaling[-1])
+
+    def _fast_predict(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, mask_input: torch.Tensor,
+                      has_mask_input: torch.Tensor, cache=None):
         dec = self.mask_decoder
-        # The dense embedding always enters as a prompt (no per-image cache in a single-call graph).
-        fast = FastDecoder(dec, self.dense_pe, self.prompt_encoder.no_mask_embed.weight)
-        fast.set_image(image_embeddings, project=False).pe = self.pe_tokens
-        iou, mask_tokens, image_tokens = fast.tokens(sparse, dense)
+        fast = self._fast_decoder()
+        image = fast.set_image(image_embeddings, project=False)
+        image.pe = self.pe_tokens
+        if cache is None:
+            # The dense embedding enters as a prompt: the first block projects the image per click.
+            dense = self._embed_mask(mask_input, has_mask_input)
+            iou, mask_tokens, image_tokens = fast.tokens(sparse, dense)
+        else:
+            image.kh0, image.vh0, image.q0 = cache
+            hidden = self.prompt_encoder.mask_downscaling[:-1](mask_input)
+            iou, mask_tokens, image_tokens = fast.tokens(sparse, mask_hidden=hidden, mask_present=has_mask_input)
         masks = fast.masks(mask_tokens, image_tokens, range(dec.num_mask_tokens))
         return masks, iou
 
@@ -159,13 +188,19 @@ class SamOnnxDecoder(nn.Module):
         orig = orig_im_size.to(torch.int64)
         return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
 
-    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
-                mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: "torch.Tensor | None" = None):
+    def forward(self, image_embeddings: torch.Tensor, *args: torch.Tensor):
+        """``(image_embeddings, [image_key_proj, image_value_proj, image_query_proj,] point_coords,
+        point_labels, mask_input, has_mask_input[, orig_im_size])``, see the module docs."""
+        cache = None
+        if self.image_cache:
+            cache, args = args[:3], args[3:]
+        point_coords, point_labels, mask_input, has_mask_input = args[:4]
+        orig_im_size = args[4] if len(args) > 4 else None
         sparse = self._embed_points(point_coords, point_labels)
-        dense = self._embed_mask(mask_input, has_mask_input)
         if self.fast:
-            masks, scores = self._fast_predict(image_embeddings, sparse, dense)
+            masks, scores = self._fast_predict(image_embeddings, sparse, mask_input, has_mask_input, cache)
         else:
+            dense = self._embed_mask(mask_input, has_mask_input)
             masks, scores = self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
         if self.use_stability_score:
             scores = self._stability(masks)
@@ -193,19 +228,63 @@ def example_decoder_inputs(model, num_points: int = 3, orig_size=(534.0, 800.0))
     )
 
 
+class SamOnnxDecoderCache(nn.Module):
+    """The per-image part of the ``image_cache`` decoder graph: ``image_embeddings`` ->
+    ``image_key_proj``, ``image_value_proj`` ``1 x H x N x d`` and ``image_query_proj`` ``1 x N x (H d)``
+    (:meth:`anyseg.fast.decoder.FastDecoder.set_image`)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.prompt_encoder = _plain_copy(model.prompt_encoder, False)
+        self.mask_decoder = _plain_copy(model.mask_decoder, False)
+        self.register_buffer("dense_pe", self.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+
+    def forward(self, image_embeddings: torch.Tensor):
+        from ..fast.decoder import FastDecoder
+
+        fast = FastDecoder(self.mask_decoder, self.dense_pe, self.prompt_encoder.no_mask_embed.weight)
+        cache = fast.set_image(image_embeddings)
+        return cache.kh0, cache.vh0, cache.q0
+
+
+def example_cache_inputs(model, image_embeddings: torch.Tensor):
+    """The three per-image projections of ``image_embeddings`` (what the cache graph computes)."""
+    with torch.no_grad():
+        return tuple(t.contiguous() for t in SamOnnxDecoderCache(model)(image_embeddings))
+
+
+def export_decoder_cache(model, path: PathLike, *, opset: int = 17) -> Path:
+    """Export the per-image graph of ``export_decoder(..., fast=True, image_cache=True)`` to ``path``
+    (see the module docs). Returns the written path."""
+    check_opset(opset)
+    wrapper = SamOnnxDecoderCache(model)
+    metadata = {
+        META_KIND: KIND_DECODER_CACHE,
+        META_FORMAT: FORMAT_VERSION,
+        META_OPSET: str(opset),
+        META_IMG_SIZE: str(int(model.img_size)),
+        "anyseg.embedding_size": str(model.config.embedding_size),
+    }
+    with torch.no_grad():
+        example = example_decoder_inputs(model)[:1]
+        return export_graph(wrapper, example, path, opset=opset, input_names=("image_embeddings",),
+                            output_names=CACHE_OUTPUTS, dynamic_axes={}, metadata=metadata, external_data=False)
+
+
 def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask: bool = False,
                    gelu_approximate: bool = False, use_stability_score: bool = False, fast: bool = False,
-                   upscale_masks: bool = True) -> Path:
+                   upscale_masks: bool = True, image_cache: bool = False) -> Path:
     """Export the prompt encoder + mask decoder of ``model`` to the ONNX file ``path``.
 
     Inputs / outputs are those of the module docstring (the names of the reference SAM ONNX
-    model). Returns the written path. Raises ``ValueError`` for an opset outside
-    ``[13, 20]`` or a path not ending in ``.onnx``.
+    model; with ``image_cache`` three more inputs, made by :func:`export_decoder_cache`'s graph).
+    Returns the written path. Raises ``ValueError`` for an opset outside ``[13, 20]``, a path not
+    ending in ``.onnx``, or ``image_cache`` without ``fast``.
     """
     check_opset(opset)
     wrapper = SamOnnxDecoder(model, return_single_mask=return_single_mask,
                              use_stability_score=use_stability_score, gelu_approximate=gelu_approximate,
-                             fast=fast, upscale_masks=upscale_masks)
+                             fast=fast, upscale_masks=upscale_masks, image_cache=image_cache)
     dynamic_axes = {
         "point_coords": {1: "num_points"},
         "point_labels": {1: "num_points"},
@@ -215,6 +294,10 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
         dynamic_axes["masks"] = {2: "height", 3: "width"}
     else:
         inputs, outputs = DECODER_INPUTS[:-1], DECODER_OUTPUTS[1:]
+    example = example_decoder_inputs(model)[: len(inputs)]
+    if image_cache:
+        inputs = inputs[:1] + CACHE_OUTPUTS + inputs[1:]
+        example = example[:1] + example_cache_inputs(model, example[0]) + example[1:]
     metadata = {
         META_KIND: KIND_DECODER,
         META_FORMAT: FORMAT_VERSION,
@@ -226,9 +309,9 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
         "anyseg.gelu_approximate": str(int(gelu_approximate)),
         "anyseg.fast": str(int(fast)),
         "anyseg.upscale_masks": str(int(upscale_masks)),
+        "anyseg.image_cache": str(int(image_cache)),
         "anyseg.num_masks": "1" if return_single_mask else str(wrapper.mask_decoder.num_mask_tokens),
     }
     with torch.no_grad():
-        example = example_decoder_inputs(model)[: len(inputs)]
         return export_graph(wrapper, example, path, opset=opset, input_names=inputs, output_names=outputs,
                             dynamic_axes=dynamic_axes, metadata=metadata, external_data=False)

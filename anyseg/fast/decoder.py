@@ -13,6 +13,11 @@ arithmetic, so in float32 its outputs match the faithful decoder to rounding (ab
   attention is rewritten the same way, with the output projection folded into the T values. The keys
   plus positional encoding are formed once per block and read by both attentions; with few prompts the
   first block's cached image-to-token logits are one product against a block-diagonal token matrix.
+* **Mask prompts through the cache.** A mask prompt's dense embedding ends in a 1 x 1 convolution from
+  ``m`` = 16 channels, ``dense = Wm h + bm``, so the first block's keys are the cached no-mask ones plus
+  a rank-``m`` change and a constant. Its effect on the cached projections is folded into the few
+  tokens (``(q Wk Wm) h^T`` and the like): products with ``m`` columns per prompt instead of projecting
+  ``N x C`` keys (pass ``mask_hidden``, the features before that convolution).
 * **Only the needed tokens** go through the final attention (IoU and mask tokens), and
   :meth:`FastDecoder.final` runs it for any range of them (each token attends on its own): segment
   everything runs it for the IoU token first and for the mask tokens of surviving prompts only.
@@ -32,6 +37,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..modeling.mask_decoder import MaskDecoder
 from ..modeling.transformer import Attention, TwoWayAttentionBlock
@@ -75,15 +81,45 @@ def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_p
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, internal))
 
 
-def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """As :func:`_token_to_image` with the image side already projected: ``kh``, ``vh`` ``1 x H x N x d``."""
+@dataclass
+class MaskTerm:
+    """A mask prompt as a low-rank change of the first block's keys (see :meth:`FastDecoder.transformer`).
+
+    The keys are ``cache.keys + hidden Wm^T + shift``: ``hidden`` ``B x N x m`` (the mask features before
+    the prompt encoder's last 1 x 1 layer, times the mask weight), ``wm`` its ``C x m`` weight and
+    ``shift`` ``B x C`` (or ``1 x C``) the layer's bias minus the no-mask embedding, times the mask weight.
+    """
+
+    hidden: torch.Tensor
+    wm: torch.Tensor
+    shift: torch.Tensor
+
+
+def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
+                           mask: Optional[MaskTerm] = None) -> torch.Tensor:
+    """As :func:`_token_to_image` with the image side already projected: ``kh``, ``vh`` ``1 x H x N x d``
+    shared by all prompts. With a ``mask`` term the keys are ``image + hidden Wm^T + shift``: the logits
+    gain ``(q Wk Wm) hidden^T`` (the shift's part is constant along the softmax axis) and the output
+    ``(P hidden) (Wv Wm)^T + Wv shift`` (rows of ``P`` sum to one): products with ``m`` columns only."""
     heads = attn.num_heads
     b, t, _ = q.shape
     d = kh.shape[-1]
     # Heads as the batch: H x (B T) x d against the shared H x N x d (no broadcast copies).
     qh = (attn.q_proj(q) * (d**-0.5)).view(b * t, heads, d).transpose(0, 1)
     logits = torch.bmm(qh, kh[0].transpose(1, 2))  # H x BT x N
-    out = torch.bmm(logits.softmax(dim=-1), vh[0])  # H x BT x d
+    if mask is not None:
+        n, m = mask.hidden.shape[1:]
+        ak = (attn.k_proj.weight @ mask.wm).view(heads, d, m)
+        qa = torch.bmm(qh, ak).view(heads, b, t, m)
+        logits = logits.view(heads, b, t, n) + torch.einsum("hbtm,bnm->hbtn", qa, mask.hidden)
+        logits = logits.view(heads, b * t, n)
+    probs = logits.softmax(dim=-1)
+    out = torch.bmm(probs, vh[0])  # H x BT x d
+    if mask is not None:
+        pooled = torch.einsum("hbtn,bnm->hbtm", probs.view(heads, b, t, n), mask.hidden)
+        av = (attn.v_proj.weight @ mask.wm).view(heads, d, m)
+        cv = (mask.shift @ attn.v_proj.weight.t()).view(-1, 1, heads, d).permute(2, 0, 1, 3)  # H x B x 1 x d
+        out = (out.view(heads, b, t, d) + torch.einsum("hbtm,hdm->hbtd", pooled, av) + cv).view(heads, b * t, d)
     return attn.out_proj(out.transpose(0, 1).reshape(b, t, heads * d))
 
 
@@ -93,11 +129,13 @@ _BLOCK_DIAGONAL_COLUMNS = 512
 
 
 def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor, *,
-                    keys_pe: Optional[torch.Tensor] = None, cached_q: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    keys_pe: Optional[torch.Tensor] = None, cached_q: Optional[torch.Tensor] = None,
+                    mask: Optional[MaskTerm] = None) -> torch.Tensor:
     """``residual`` plus the attention of the image queries over ``B x T x C`` token keys / values.
 
     The image queries are ``keys_pe`` (``B x N x C``: image tokens plus positional encoding), or
-    ``cached_q``, their projection ``1 x N x (H d)`` shared by all prompts. ``residual`` (``B x N x C`` or
+    ``cached_q``, their projection ``1 x N x (H d)`` shared by all prompts, with an optional ``mask``
+    term (:class:`MaskTerm`) added to the image side. ``residual`` (``B x N x C`` or
     ``1 x N x C``) is what the block adds the attention to; returns that sum, ``B x N x C``, before the
     block's norm. The arithmetic: the query projection folded into the token keys (``a``, plus a
     per-column constant from the query bias), probabilities laid out ``N x T x H`` so that the softmax
@@ -120,9 +158,10 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
         if b * t * heads <= _BLOCK_DIAGONAL_COLUMNS:
             # N x (H d) against a block-diagonal (H d) x (B T H): column (b, t, h) holds kh[b, t, h] in
             # rows h d .. h d + d - 1, so the product is B x N x T x H logits in one call.
-            bd = kh.new_zeros(heads, d, b, t, heads)
-            bd.diagonal(dim1=0, dim2=4).copy_(kh.permute(3, 0, 1, 2))
-            logits = torch.mm(cached_q[0], bd.view(internal, b * t * heads))
+            # (A product with the identity rather than a copy into a diagonal view: ONNX export traces it.)
+            bd = kh.permute(2, 3, 0, 1).unsqueeze(-1) * torch.eye(heads, dtype=kh.dtype, device=kh.device).view(
+                heads, 1, 1, 1, heads)
+            logits = torch.mm(cached_q[0], bd.reshape(internal, b * t * heads))
             logits = logits.view(n, b, t, heads).transpose(0, 1)
             if b > 1:
                 logits = logits.contiguous()
@@ -131,6 +170,14 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
             qh = cached_q[0].view(n, heads, d).transpose(0, 1)
             logits = torch.bmm(qh, kh.permute(2, 3, 0, 1).reshape(heads, d, b * t))  # H x N x BT
             logits = logits.view(heads, n, b, t).permute(2, 1, 3, 0).contiguous()  # B x N x T x H
+        if mask is not None:
+            # Queries from image + hidden Wm^T + shift: logits gain hidden (Wq Wm)^T kh + (Wq shift) kh.
+            m = mask.hidden.shape[-1]
+            aq = (attn.q_proj.weight @ mask.wm).view(heads, d, m)
+            g = torch.einsum("hdm,bthd->bmth", aq, kh).reshape(b, m, t * heads)
+            cq = (mask.shift @ attn.q_proj.weight.t()).view(-1, 1, heads, d)
+            const = (cq * kh).sum(-1).reshape(b, 1, t * heads)
+            logits = (logits.view(b, n, t * heads) + torch.baddbmm(const, mask.hidden, g)).view(b, n, t, heads)
     else:
         wq = attn.q_proj.weight.view(heads, d, -1)  # H x d x C
         a = torch.einsum("bthd,hdc->bthc", kh, wq).reshape(b, t * heads, -1)  # B x TH x C
@@ -138,6 +185,11 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
         logits = torch.baddbmm(const, keys_pe, a.transpose(1, 2)).view(b, -1, t, heads)  # B x N x T x H
         n = logits.shape[1]
     probs = logits.softmax(dim=2).view(b, n, t * heads)
+    if mask is not None:
+        # The residual is image + hidden Wm^T + shift: hidden rides along as m more columns of probs.
+        wm = mask.wm.t().unsqueeze(0).expand(b, -1, -1)
+        return torch.baddbmm(residual + mask.shift.unsqueeze(1), torch.cat([probs, mask.hidden], dim=2),
+                             torch.cat([vo, wm], dim=1))
     return torch.baddbmm(residual, probs, vo)
 
 
@@ -168,14 +220,20 @@ class FastDecoder:
         image_pe: ``1 x C x h x w`` dense positional encoding (``prompt_encoder.get_dense_pe()``).
         no_mask_embed: ``1 x C`` embedding added to the image when there is no mask prompt.
         upscale_chunk: prompts upscaled together (bounds the ``B x 4h x 4w x C/8`` intermediate).
+        mask_projection: the prompt encoder's last mask-downscaling layer (a 1 x 1 ``Conv2d`` from ``m``
+            channels to C), needed to decode mask prompts given as ``mask_hidden``.
     """
 
     def __init__(self, decoder: MaskDecoder, image_pe: torch.Tensor, no_mask_embed: torch.Tensor,
-                 upscale_chunk: int = 16) -> None:
+                 upscale_chunk: int = 16, mask_projection: Optional[nn.Conv2d] = None) -> None:
         self.decoder = decoder
         self.image_pe = image_pe
         self.no_mask_embed = no_mask_embed
         self.upscale_chunk = max(1, int(upscale_chunk))
+        if mask_projection is not None and (not isinstance(mask_projection, nn.Conv2d)
+                                            or mask_projection.kernel_size != (1, 1)):
+            raise ValueError(f"mask_projection must be a 1 x 1 Conv2d, got {mask_projection!r}")
+        self.mask_projection = mask_projection
         self.cache: Optional[ImageCache] = None
 
     # ------------------------------------------------------------------------------------ per image
@@ -211,13 +269,39 @@ class FastDecoder:
             raise ValueError("FastDecoder.set_image(embedding) must be called before decoding")
         return self.cache
 
+    def _mask_term(self, cache: ImageCache, mask_hidden: torch.Tensor,
+                   mask_present: Optional[torch.Tensor]) -> MaskTerm:
+        """The mask prompt ``mask_hidden`` (``B x m x h x w``, before the 1 x 1 layer ``dense = Wm h + bm``)
+        as a change of the cached no-mask keys: ``keys = image + dense = cache.keys + Wm h + (bm - no_mask)``.
+        ``mask_present`` (``B`` or 1 values, 1 or 0) scales the change: 0 gives the no-mask embedding (how
+        a single-call graph switches)."""
+        conv = self.mask_projection
+        if conv is None:
+            raise ValueError("mask_hidden needs FastDecoder(..., mask_projection=<the 1 x 1 mask layer>)")
+        if cache.kh0 is None:
+            raise ValueError("mask_hidden needs set_image(embedding, project=True)")
+        if mask_hidden.ndim != 4 or mask_hidden.shape[1] != conv.in_channels or tuple(mask_hidden.shape[2:]) != cache.size:
+            raise ValueError(f"expected mask_hidden of shape B x {conv.in_channels} x {cache.size[0]} x "
+                             f"{cache.size[1]}, got {tuple(mask_hidden.shape)}")
+        dtype = mask_hidden.dtype
+        hidden = mask_hidden.flatten(2).transpose(1, 2)  # B x N x m
+        shift = (conv.bias - self.no_mask_embed.view(-1)).to(dtype).unsqueeze(0)  # 1 x C
+        if mask_present is not None:
+            scale = mask_present.to(dtype).reshape(-1, 1)
+            hidden = hidden * scale.unsqueeze(-1)
+            shift = shift * scale
+        return MaskTerm(hidden.contiguous(), conv.weight.flatten(1).to(dtype), shift)
+
     # ------------------------------------------------------------------------------------ decoding
     def transformer(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
-                    embedding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    embedding: Optional[torch.Tensor] = None, mask_hidden: Optional[torch.Tensor] = None,
+                    mask_present: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The two-way blocks for ``B`` prompts, without the final attention: ``(queries, tokens, keys)``,
         the ``B x T x C`` token states and inputs and the ``B x N x C`` processed image tokens, for
         :meth:`final`. Arguments as :meth:`tokens`."""
         cache = self._require(embedding)
+        if dense is not None and mask_hidden is not None:
+            raise ValueError("give a mask prompt as dense or as mask_hidden, not both")
         dec = self.decoder
         b = sparse.shape[0]
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(sparse.dtype)
@@ -225,14 +309,16 @@ class FastDecoder:
         layers = dec.transformer.layers
         queries, keys, keys_pe = tokens, None, None
         pe = cache.pe
+        mask = None if mask_hidden is None else self._mask_term(cache, mask_hidden, mask_present)
+        kh, vh, q0 = cache.kh0, cache.vh0, cache.q0
         for i, layer in enumerate(layers):
             queries = layer.token_self_attention(queries, tokens)
             q = queries + tokens
             shared = i == 0 and dense is None
-            if shared and cache.kh0 is None:
+            if shared and kh is None:
                 raise ValueError("decoding without a mask prompt needs set_image(embedding, project=True)")
             if shared:
-                attn_out = _token_to_image_cached(layer.cross_attn_token_to_image, q, cache.kh0, cache.vh0)
+                attn_out = _token_to_image_cached(layer.cross_attn_token_to_image, q, kh, vh, mask)
             else:
                 if keys is None:  # first block with a mask prompt
                     keys = (cache.image + dense.flatten(2).transpose(1, 2)).contiguous()
@@ -242,7 +328,8 @@ class FastDecoder:
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + tokens
             if shared:
-                summed = _image_to_token(layer.cross_attn_image_to_token, cache.keys, q, queries, cached_q=cache.q0)
+                summed = _image_to_token(layer.cross_attn_image_to_token, cache.keys, q, queries, cached_q=q0,
+                                         mask=mask)
             else:
                 summed = _image_to_token(layer.cross_attn_image_to_token, keys, q, queries, keys_pe=keys_pe)
             keys_pe = None
@@ -266,17 +353,21 @@ class FastDecoder:
         return tf.norm_final_attn(queries + out)
 
     def tokens(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
-               embedding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               embedding: Optional[torch.Tensor] = None, mask_hidden: Optional[torch.Tensor] = None,
+               mask_present: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the two-way transformer for ``B`` prompts.
 
         Args:
             sparse: ``B x T x C`` prompt tokens; dense: ``B x C x h x w`` mask-prompt embedding, or None
                 for no mask prompt (the cached fast path).
+            mask_hidden: instead of ``dense``, the mask prompt before the prompt encoder's last 1 x 1
+                layer (``B x m x h x w``; needs ``mask_projection``): it then goes through the per-image
+                cache too. mask_present: ``B`` (or 1) weights, 1 for a mask prompt, 0 for none.
         Returns:
             ``iou`` ``B x (1 + m)`` (all mask tokens), ``mask_tokens`` ``B x (1 + m) x C`` and the
             processed image tokens ``B x N x C``.
         """
-        queries, tokens, keys = self.transformer(sparse, dense, embedding)
+        queries, tokens, keys = self.transformer(sparse, dense, embedding, mask_hidden, mask_present)
         n_out = 1 + self.decoder.num_mask_tokens
         out = self.final(queries, tokens, keys, 0, n_out)  # only the IoU and mask tokens are read
         return self.decoder.iou_prediction_head(out[:, 0, :]), out[:, 1:], keys
@@ -319,9 +410,11 @@ class FastDecoder:
         return out
 
     def __call__(self, sparse: torch.Tensor, dense: Optional[torch.Tensor], multimask_output: bool,
-                 embedding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Same contract as ``MaskDecoder.forward``: low-res logits ``B x k x 4h x 4w`` and IoU ``B x k``."""
-        iou, mask_tokens, image_tokens = self.tokens(sparse, dense, embedding)
+                 embedding: Optional[torch.Tensor] = None,
+                 mask_hidden: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as ``MaskDecoder.forward``: low-res logits ``B x k x 4h x 4w`` and IoU ``B x k``
+        (``mask_hidden`` as in :meth:`tokens`)."""
+        iou, mask_tokens, image_tokens = self.tokens(sparse, dense, embedding, mask_hidden)
         m = self.decoder.num_mask_tokens
         which = list(range(1, m)) if multimask_output else [0]
         return self.masks(mask_tokens, image_tokens, which), iou[:, which]

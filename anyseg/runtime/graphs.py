@@ -105,6 +105,10 @@ def open_graph(path: Union[str, "os.PathLike[str]"], kind: str, providers: Optio
         # Encoders differ in their pre-processing; only graphs that say what they do are accepted.
         raise GraphError(f"{str(path)!r} carries no anyseg metadata: expected an image encoder written by "
                          f"'anyseg export --encoder'")
+    if kind == KIND_DECODER and metadata.get("anyseg.image_cache") == "1":
+        raise GraphError(f"{str(path)!r} is a decoder graph exported with image_cache=True (it takes per-image "
+                         f"projections from a second graph, for the browser app); OnnxPredictor needs one "
+                         f"exported without it")
     if kind == KIND_DECODER and metadata.get("anyseg.upscale_masks") == "0":
         raise GraphError(f"{str(path)!r} is a decoder graph exported with upscale_masks=False (low-res logits "
                          f"only, for the browser app); OnnxPredictor needs a graph that upscales the masks")
