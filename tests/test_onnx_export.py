@@ -247,7 +247,7 @@ def test_decoder_options(setup, tmp_path):
 
 def test_decoder_image_cache_graphs(setup, tmp_path):
     """The labelling app's pair of graphs: the per-image cache graph once, then the decoder graph that
-    takes its three projections. For clicks, several points and a box, with and without a mask prompt,
+    takes its outputs in place of the embedding. For clicks, several points and a box, with and without a mask prompt,
     the same low-res logits and scores as the faithful graph; OnnxPredictor refuses the decoder graph."""
     if setup["name"] != "mobilesam":
         pytest.skip("checked on one checkpoint: both golden models share the decoder architecture")
@@ -258,9 +258,9 @@ def test_decoder_image_cache_graphs(setup, tmp_path):
         export_decoder(model, tmp_path / "bad.onnx", image_cache=True)
     embedding = torch_pred.get_image_embedding().numpy()
     projections = ort.InferenceSession(str(cache_graph), providers=CPU).run(None, {"image_embeddings": embedding})
-    assert [p.shape for p in projections] == [(1, 8, 4096, 16), (1, 8, 4096, 16), (1, 4096, 128)]
+    assert [p.shape for p in projections] == [(1, 4096, 256), (1, 8, 4096, 16), (1, 8, 4096, 16), (1, 4096, 128)]
     sess = ort.InferenceSession(str(decoder), providers=CPU)
-    assert [i.name for i in sess.get_inputs()] == ["image_embeddings", "image_key_proj", "image_value_proj",
+    assert [i.name for i in sess.get_inputs()] == ["image_keys", "image_key_proj", "image_value_proj",
                                                     "image_query_proj", "point_coords", "point_labels",
                                                     "mask_input", "has_mask_input"]
     full = ort.InferenceSession(str(setup["paths"]["decoder"]), providers=CPU)
@@ -269,12 +269,12 @@ def test_decoder_image_cache_graphs(setup, tmp_path):
                ([[100.0, 200.0], [600.0, 700.0]], [2, 3])]
     for coords, labels in prompts:
         for has_mask in (0.0, 1.0):
-            feeds = {"image_embeddings": embedding,
-                     "point_coords": np.array([coords], np.float32), "point_labels": np.array([labels], np.float32),
+            feeds = {"point_coords": np.array([coords], np.float32), "point_labels": np.array([labels], np.float32),
                      "mask_input": setup["refine"][None].astype(np.float32),
                      "has_mask_input": np.array([has_mask], np.float32)}
             scores, low_res = sess.run(None, dict(feeds, **dict(zip(CACHE_OUTPUTS, projections))))
-            _, want_scores, want_low = full.run(None, dict(feeds, orig_im_size=np.array([40.0, 25.0], np.float32)))
+            _, want_scores, want_low = full.run(None, dict(feeds, image_embeddings=embedding,
+                                                           orig_im_size=np.array([40.0, 25.0], np.float32)))
             assert rel_err(low_res, want_low) <= 1e-5, (coords, has_mask)
             assert np.abs(scores - want_scores).max() <= 1e-5, (coords, has_mask)
     with pytest.raises(GraphError, match="image_cache=True"):

@@ -373,16 +373,21 @@ def test_exported_decoder_graph_matches_server_decoding(server, dog, model):
         pytest.skip(f"decoder export is not available in this installation: {info['reason']}")
     assert status == "ready", info
     assert info["img_size"] == 1024 and info["mask_side"] == 256 and "orig_im_size" not in info["inputs"]
-    graph = server.get(info["url"]).content
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(server.get(info["url"]).content, providers=["CPUExecutionProvider"])
+    cache_session = ort.InferenceSession(server.get(info["cache_url"]).content, providers=["CPUExecutionProvider"])
     # The page's graph stops at the low-res logits; the page upscales the candidates itself.
     assert [o.name for o in session.get_outputs()] == ["iou_predictions", "low_res_masks"] == list(info["outputs"])
+    # The per-image graph's outputs are the decoder graph's image inputs, by name.
+    cache_outputs = [o.name for o in cache_session.get_outputs()]
+    assert [i.name for i in session.get_inputs()][:len(cache_outputs)] == cache_outputs
+    assert [i.name for i in session.get_inputs()] == list(info["inputs"])
+    assert [i.name for i in cache_session.get_inputs()] == list(info["cache_inputs"]) == ["image_embeddings"]
     image = dog["info"]
     embedding = np.frombuffer(server.get(f"/api/v1/images/{image['id']}/embedding").content, "<f4").reshape(1, 256, 64, 64)
     points = np.array([[400.0, 267.0], [150.0, 100.0]])
     scale = np.array([image["input_width"] / image["width"], image["input_height"] / image["height"]])
     feeds = {
-        "image_embeddings": embedding,
+        **dict(zip(cache_outputs, cache_session.run(None, {"image_embeddings": embedding}))),
         "point_coords": np.concatenate([points * scale, [[0.0, 0.0]]])[None].astype(np.float32),
         "point_labels": np.array([[1, 0, -1]], np.float32),
         "mask_input": np.zeros((1, 1, 256, 256), np.float32),

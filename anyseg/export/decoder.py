@@ -31,17 +31,20 @@ saves the two full-size resizes of all ``k`` masks per click.
 
 Per-image cache (``image_cache=True``, with ``fast=True``)
 --------------------------------------------------------
-The first two-way block's projections of the image do not depend on the prompt, so they can be
-computed once per image by a second graph, ``export_decoder_cache(model, path)``: input
-``image_embeddings``, outputs ``image_key_proj`` and ``image_value_proj`` (``1 x 8 x 4096 x 16``) and
-``image_query_proj`` (``1 x 4096 x 128``). The decoder graph then takes these three after
-``image_embeddings`` and does less work per click; a mask prompt enters through them too (see
-:class:`anyseg.fast.decoder.FastDecoder`). The labelling app runs both graphs in the page.
+The image side of the first two-way block does not depend on the prompt, so a second graph,
+``export_decoder_cache(model, path)``, computes it once per image: input ``image_embeddings``,
+outputs ``image_keys`` (``1 x 4096 x 256``: the embedding as tokens plus the no-mask embedding),
+``image_key_proj`` and ``image_value_proj`` (``1 x 8 x 4096 x 16``) and ``image_query_proj``
+(``1 x 4096 x 128``). The decoder graph then takes these four *instead of* ``image_embeddings``
+(same names, so the cache graph's outputs feed it as they are) and does less work per click; a mask
+prompt enters through them too (see :class:`anyseg.fast.decoder.FastDecoder`). The labelling app
+runs both graphs in the page.
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +66,7 @@ from ._common import (
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
                   "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
-CACHE_OUTPUTS = ("image_key_proj", "image_value_proj", "image_query_proj")
+CACHE_OUTPUTS = ("image_keys", "image_key_proj", "image_value_proj", "image_query_proj")
 
 
 def _plain_copy(module: nn.Module, gelu_approximate: bool) -> nn.Module:
@@ -96,8 +99,8 @@ class SamOnnxDecoder(nn.Module):
             arithmetic (attention without projecting the 4096 image tokens, transposed convolutions
             as matrix products): the same function to float32 rounding, with less work per click
             (``benchmarks/bench_browser.py`` times both graphs).
-        image_cache: (with ``fast``) take the first block's image projections as inputs (the outputs of
-            :class:`SamOnnxDecoderCache`) instead of computing them per click.
+        image_cache: (with ``fast``) take the image as the per-image tensors of
+            :class:`SamOnnxDecoderCache` (``CACHE_OUTPUTS``) instead of ``image_embeddings``.
     """
 
     def __init__(self, model, *, return_single_mask: bool = False, use_stability_score: bool = False,
@@ -145,18 +148,21 @@ class SamOnnxDecoder(nn.Module):
         return FastDecoder(self.mask_decoder, self.dense_pe, pe.no_mask_embed.weight,
                            mask_projection=pe.mask_downscaling[-1])
 
-    def _fast_predict(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, mask_input: torch.Tensor,
-                      has_mask_input: torch.Tensor, cache=None):
+    def _fast_predict(self, image: Sequence[torch.Tensor], sparse: torch.Tensor, mask_input: torch.Tensor,
+                      has_mask_input: torch.Tensor):
+        from ..fast.decoder import ImageCache
+
         dec = self.mask_decoder
         fast = self._fast_decoder()
-        image = fast.set_image(image_embeddings, project=False)
-        image.pe = self.pe_tokens
-        if cache is None:
-            # The dense embedding enters as a prompt: the first block projects the image per click.
+        if not self.image_cache:
+            # The dense embedding enters as a prompt: the first block attends to image + dense per click.
+            fast.set_image(image[0], project=False).pe = self.pe_tokens
             dense = self._embed_mask(mask_input, has_mask_input)
             iou, mask_tokens, image_tokens = fast.tokens(sparse, dense)
         else:
-            image.kh0, image.vh0, image.q0 = cache
+            keys, kh0, vh0, q0 = image
+            size = tuple(int(v) for v in self.prompt_encoder.image_embedding_size)
+            fast.cache = ImageCache(None, size, None, self.pe_tokens, keys, kh0, vh0, q0)
             hidden = self.prompt_encoder.mask_downscaling[:-1](mask_input)
             iou, mask_tokens, image_tokens = fast.tokens(sparse, mask_hidden=hidden, mask_present=has_mask_input)
         masks = fast.masks(mask_tokens, image_tokens, range(dec.num_mask_tokens))
@@ -188,20 +194,19 @@ class SamOnnxDecoder(nn.Module):
         orig = orig_im_size.to(torch.int64)
         return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
 
-    def forward(self, image_embeddings: torch.Tensor, *args: torch.Tensor):
-        """``(image_embeddings, [image_key_proj, image_value_proj, image_query_proj,] point_coords,
-        point_labels, mask_input, has_mask_input[, orig_im_size])``, see the module docs."""
-        cache = None
-        if self.image_cache:
-            cache, args = args[:3], args[3:]
+    def forward(self, *args: torch.Tensor):
+        """``(image_embeddings | image_keys, image_key_proj, image_value_proj, image_query_proj,
+        point_coords, point_labels, mask_input, has_mask_input[, orig_im_size])``, see the module docs."""
+        n_image = len(CACHE_OUTPUTS) if self.image_cache else 1
+        image, args = args[:n_image], args[n_image:]
         point_coords, point_labels, mask_input, has_mask_input = args[:4]
         orig_im_size = args[4] if len(args) > 4 else None
         sparse = self._embed_points(point_coords, point_labels)
         if self.fast:
-            masks, scores = self._fast_predict(image_embeddings, sparse, mask_input, has_mask_input, cache)
+            masks, scores = self._fast_predict(image, sparse, mask_input, has_mask_input)
         else:
             dense = self._embed_mask(mask_input, has_mask_input)
-            masks, scores = self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
+            masks, scores = self.mask_decoder.predict_masks(image[0], self.dense_pe, sparse, dense)
         if self.use_stability_score:
             scores = self._stability(masks)
         if self.return_single_mask:
@@ -229,9 +234,9 @@ def example_decoder_inputs(model, num_points: int = 3, orig_size=(534.0, 800.0))
 
 
 class SamOnnxDecoderCache(nn.Module):
-    """The per-image part of the ``image_cache`` decoder graph: ``image_embeddings`` ->
-    ``image_key_proj``, ``image_value_proj`` ``1 x H x N x d`` and ``image_query_proj`` ``1 x N x (H d)``
-    (:meth:`anyseg.fast.decoder.FastDecoder.set_image`)."""
+    """The per-image part of the ``image_cache`` decoder graph: ``image_embeddings`` -> ``image_keys``
+    ``1 x N x C``, ``image_key_proj``, ``image_value_proj`` ``1 x H x N x d`` and ``image_query_proj``
+    ``1 x N x (H d)`` (:meth:`anyseg.fast.decoder.FastDecoder.set_image`)."""
 
     def __init__(self, model) -> None:
         super().__init__()
@@ -244,11 +249,11 @@ class SamOnnxDecoderCache(nn.Module):
 
         fast = FastDecoder(self.mask_decoder, self.dense_pe, self.prompt_encoder.no_mask_embed.weight)
         cache = fast.set_image(image_embeddings)
-        return cache.kh0, cache.vh0, cache.q0
+        return cache.keys, cache.kh0, cache.vh0, cache.q0
 
 
 def example_cache_inputs(model, image_embeddings: torch.Tensor):
-    """The three per-image projections of ``image_embeddings`` (what the cache graph computes)."""
+    """The per-image tensors of ``image_embeddings`` (what the cache graph computes)."""
     with torch.no_grad():
         return tuple(t.contiguous() for t in SamOnnxDecoderCache(model)(image_embeddings))
 
@@ -277,7 +282,8 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
     """Export the prompt encoder + mask decoder of ``model`` to the ONNX file ``path``.
 
     Inputs / outputs are those of the module docstring (the names of the reference SAM ONNX
-    model; with ``image_cache`` three more inputs, made by :func:`export_decoder_cache`'s graph).
+    model; with ``image_cache`` the outputs of :func:`export_decoder_cache`'s graph in place of
+    ``image_embeddings``).
     Returns the written path. Raises ``ValueError`` for an opset outside ``[13, 20]``, a path not
     ending in ``.onnx``, or ``image_cache`` without ``fast``.
     """
@@ -296,8 +302,8 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
         inputs, outputs = DECODER_INPUTS[:-1], DECODER_OUTPUTS[1:]
     example = example_decoder_inputs(model)[: len(inputs)]
     if image_cache:
-        inputs = inputs[:1] + CACHE_OUTPUTS + inputs[1:]
-        example = example[:1] + example_cache_inputs(model, example[0]) + example[1:]
+        inputs = CACHE_OUTPUTS + inputs[1:]
+        example = example_cache_inputs(model, example[0]) + example[1:]
     metadata = {
         META_KIND: KIND_DECODER,
         META_FORMAT: FORMAT_VERSION,

@@ -106,7 +106,7 @@ def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, v
     d = kh.shape[-1]
     # Heads as the batch: H x (B T) x d against the shared H x N x d (no broadcast copies).
     qh = (attn.q_proj(q) * (d**-0.5)).view(b * t, heads, d).transpose(0, 1)
-    logits = torch.bmm(qh, kh[0].transpose(1, 2))  # H x BT x N
+    logits = torch.bmm(qh, kh.squeeze(0).transpose(1, 2))  # H x BT x N
     if mask is not None:
         n, m = mask.hidden.shape[1:]
         ak = (attn.k_proj.weight @ mask.wm).view(heads, d, m)
@@ -114,7 +114,7 @@ def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, v
         logits = logits.view(heads, b, t, n) + torch.einsum("hbtm,bnm->hbtn", qa, mask.hidden)
         logits = logits.view(heads, b * t, n)
     probs = logits.softmax(dim=-1)
-    out = torch.bmm(probs, vh[0])  # H x BT x d
+    out = torch.bmm(probs, vh.squeeze(0))  # H x BT x d
     if mask is not None:
         pooled = torch.einsum("hbtn,bnm->hbtm", probs.view(heads, b, t, n), mask.hidden)
         av = (attn.v_proj.weight @ mask.wm).view(heads, d, m)
@@ -161,13 +161,13 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
             # (A product with the identity rather than a copy into a diagonal view: ONNX export traces it.)
             bd = kh.permute(2, 3, 0, 1).unsqueeze(-1) * torch.eye(heads, dtype=kh.dtype, device=kh.device).view(
                 heads, 1, 1, 1, heads)
-            logits = torch.mm(cached_q[0], bd.reshape(internal, b * t * heads))
+            logits = torch.mm(cached_q.squeeze(0), bd.reshape(internal, b * t * heads))
             logits = logits.view(n, b, t, heads).transpose(0, 1)
             if b > 1:
                 logits = logits.contiguous()
         else:
             # H x N x d against H x d x (B T): heads as the batch, no broadcast copies.
-            qh = cached_q[0].view(n, heads, d).transpose(0, 1)
+            qh = cached_q.squeeze(0).view(n, heads, d).transpose(0, 1)
             logits = torch.bmm(qh, kh.permute(2, 3, 0, 1).reshape(heads, d, b * t))  # H x N x BT
             logits = logits.view(heads, n, b, t).permute(2, 1, 3, 0).contiguous()  # B x N x T x H
         if mask is not None:

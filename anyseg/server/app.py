@@ -187,12 +187,22 @@ def create_app(model, settings: Optional[ServerSettings] = None):
         side = model.prompt_encoder.mask_input_size[0]
         dim = model.prompt_encoder.embed_dim
         k = model.mask_decoder.num_mask_tokens
+        n = int(g[0]) * int(g[1])
+        first = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+        h = first.num_heads
+        d = first.q_proj.out_features // h
         return DecoderInfo(
             status=decoder.status, reason=decoder.reason, opset=DECODER_OPSET,
             url=f"{API}/decoder.onnx" if decoder.status == "ready" else None,
+            cache_url=f"{API}/decoder-cache.onnx" if decoder.status == "ready" else None,
             runtime_url="/static/ort/ort.wasm.min.mjs" if runtime.is_file() else None,
-            inputs={"image_embeddings": f"1x{dim}x{g[0]}x{g[1]}", "point_coords": "1xNx2 (model frame)",
-                    "point_labels": "1xN", "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1"},
+            cache_inputs={"image_embeddings": f"1x{dim}x{g[0]}x{g[1]}"},
+            inputs={"image_keys": f"1x{n}x{dim} (from the per-image graph)",
+                    "image_key_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
+                    "image_value_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
+                    "image_query_proj": f"1x{n}x{h * d} (from the per-image graph)",
+                    "point_coords": "1xNx2 (model frame)", "point_labels": "1xN",
+                    "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1"},
             outputs={"iou_predictions": f"1x{k}", "low_res_masks": f"1x{k}x{side}x{side} (upscaled by the page)"},
             img_size=int(model.img_size), mask_side=int(side),
         )
@@ -203,6 +213,13 @@ def create_app(model, settings: Optional[ServerSettings] = None):
         if decoder.status != "ready" or decoder.path is None:
             raise HTTPException(404, f"the decoder graph is not available: {decoder.reason}")
         return FileResponse(decoder.path, media_type="application/octet-stream", filename="decoder.onnx")
+
+    @app.get(f"{API}/decoder-cache.onnx", tags=["browser decoder"], dependencies=auth,
+             summary="the per-image graph whose outputs the decoder graph takes (ONNX)", response_class=FileResponse)
+    def decoder_cache_graph():
+        if decoder.status != "ready" or decoder.cache_path is None:
+            raise HTTPException(404, f"the decoder graph is not available: {decoder.reason}")
+        return FileResponse(decoder.cache_path, media_type="application/octet-stream", filename="decoder-cache.onnx")
 
     # ------------------------------------------------------------------------------------- folder
     def _folder() -> ImageFolder:

@@ -157,17 +157,20 @@ class Engine:
 class DecoderExport:
     """The model's decoder as an ONNX graph for the browser, exported once in the background.
 
-    ``status`` is ``"exporting"``, ``"ready"`` (``path`` is the file) or ``"unavailable"`` (``reason``
-    says why; the page then decodes on the server). Graphs are cached on disk by a hash of the prompt
-    encoder and mask decoder weights, so a restart reuses the file. The graph uses the fast decoder
-    arithmetic and stops at the low-res logits (``export_decoder(fast=True, upscale_masks=False)``);
-    the page upscales the candidates itself (``static/masks.js``, ``upscaleLogits``).
+    ``status`` is ``"exporting"``, ``"ready"`` (``path`` and ``cache_path`` are the files) or
+    ``"unavailable"`` (``reason`` says why; the page then decodes on the server). Graphs are cached on
+    disk by a hash of the prompt encoder and mask decoder weights, so a restart reuses the files. There
+    are two: the per-image graph (``export_decoder_cache``), which the page runs once per image, and
+    the per-click graph that takes its outputs (``export_decoder(fast=True, upscale_masks=False,
+    image_cache=True)``): the fast decoder arithmetic, stopping at the low-res logits. The page
+    upscales the candidates itself (``static/masks.js``, ``upscaleLogits``).
     """
 
     def __init__(self, model, directory: Optional[Path], enabled: bool = True) -> None:
         self.status = "unavailable"
         self.reason = "the browser decoder is disabled (--no-browser-decoder)"
         self.path: Optional[Path] = None
+        self.cache_path: Optional[Path] = None
         self._thread: Optional[threading.Thread] = None
         if not enabled:
             return
@@ -176,9 +179,11 @@ class DecoderExport:
 
             directory = cache_dir() / "onnx"
         self.directory = Path(directory)
-        self.target = self.directory / f"decoder-{_decoder_key(model)[:20]}-opset{DECODER_OPSET}-fast-lowres.onnx"
-        if self.target.is_file():
-            self.status, self.reason, self.path = "ready", "", self.target
+        stem = f"decoder-{_decoder_key(model)[:20]}-opset{DECODER_OPSET}"
+        self.target = self.directory / f"{stem}-fast-lowres-cached.onnx"
+        self.cache_target = self.directory / f"{stem}-image-cache.onnx"
+        if self.target.is_file() and self.cache_target.is_file():
+            self.status, self.reason, self.path, self.cache_path = "ready", "", self.target, self.cache_target
             return
         self.status, self.reason = "exporting", "the decoder graph is being exported"
         # Export a CPU float32 copy, so that serving goes on with the original meanwhile.
@@ -194,24 +199,29 @@ class DecoderExport:
 
     def _run(self, snapshot) -> None:
         try:
-            from ..export import export_decoder  # type: ignore[attr-defined]
+            from ..export import export_decoder, export_decoder_cache  # type: ignore[attr-defined]
         except ImportError as exc:
             self.status, self.reason = "unavailable", f"ONNX export is not available ({exc}); install anyseg[onnx]"
             return
-        tmp = self.target.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{self.target.name}")
+        tag = f".tmp-{os.getpid()}-{threading.get_ident()}-"
+        tmp, cache_tmp = (t.with_name(tag + t.name) for t in (self.target, self.cache_target))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            export_decoder(snapshot, tmp, opset=DECODER_OPSET, fast=True, upscale_masks=False)
+            export_decoder(snapshot, tmp, opset=DECODER_OPSET, fast=True, upscale_masks=False, image_cache=True)
+            export_decoder_cache(snapshot, cache_tmp, opset=DECODER_OPSET)
+            # The per-image graph goes into place first: a decoder graph on disk means both are there.
+            os.replace(cache_tmp, self.cache_target)
             os.replace(tmp, self.target)
-            self.path = self.target
+            self.path, self.cache_path = self.target, self.cache_target
             self.status, self.reason = "ready", ""
-            log.info("decoder exported to %s", self.target)
+            log.info("decoder graphs exported to %s", self.target.parent)
         except Exception as exc:  # any failure leaves server-side decoding in place
             log.warning("decoder export failed: %s", exc)
             self.status, self.reason = "unavailable", f"decoder export failed: {type(exc).__name__}: {exc}"
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            for t in (tmp, cache_tmp):
+                if t.exists():
+                    t.unlink()
 
 
 def _decoder_key(model) -> str:

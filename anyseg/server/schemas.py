@@ -43,10 +43,14 @@ class ModelInfo(BaseModel):
 class DecoderInfo(BaseModel):
     status: Literal["exporting", "ready", "unavailable"]
     reason: str = ""
-    url: Optional[str] = Field(None, description="where to fetch the ONNX graph when ready")
+    url: Optional[str] = Field(None, description="where to fetch the ONNX decoder graph when ready")
+    cache_url: Optional[str] = Field(None, description="where to fetch the per-image ONNX graph when ready: run "
+                                     "once per image on its embedding, its outputs are the decoder graph's image "
+                                     "inputs")
     runtime_url: Optional[str] = Field(None, description="onnxruntime-web module served for the page, if installed")
     opset: int
-    inputs: Dict[str, str] = Field(default_factory=dict, description="graph input names and shapes")
+    cache_inputs: Dict[str, str] = Field(default_factory=dict, description="per-image graph input names and shapes")
+    inputs: Dict[str, str] = Field(default_factory=dict, description="decoder graph input names and shapes")
     outputs: Dict[str, str] = Field(default_factory=dict, description="graph output names and shapes")
     img_size: int = Field(..., description="the model's input size: long side of the model frame")
     mask_side: int = Field(..., description="side of the low-res logits (and of mask_input)")

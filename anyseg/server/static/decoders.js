@@ -1,7 +1,8 @@
 // Two interchangeable mask decoders with one interface:
 //   decode(image, prompt, maskInput) -> [{mask: Uint8Array(H*W), score, lowRes: Float32Array(256*256)}], best first
-// OnnxDecoder runs the exported decoder graph in the page (onnxruntime-web, WebAssembly);
-// ServerDecoder asks the server. Prompts are in original-image pixels; the ONNX graph wants the
+// OnnxDecoder runs the exported decoder graphs in the page (onnxruntime-web, WebAssembly): a per-image
+// graph once per image (the image side of the decoder's first block), then the decoder graph per
+// prompt; ServerDecoder asks the server. Prompts are in original-image pixels; the ONNX graph wants the
 // model frame (long side resized to the model's input size), so points are scaled here. The graph
 // returns low-res logits only; the candidates are upscaled here (upscaleLogits), as the model's
 // postprocessing does it.
@@ -35,13 +36,14 @@ export class ServerDecoder {
 }
 
 export class OnnxDecoder {
-  constructor(ort, session, info) {
+  constructor(ort, session, cacheSession, info) {
     this.name = 'onnx';
     this.ort = ort;
     this.session = session;
+    this.cacheSession = cacheSession;
     this.imgSize = info.img_size;
     this.side = info.mask_side;
-    this.embeddings = new Map(); // image id -> ort.Tensor, most recent few
+    this.images = new Map(); // image id -> the decoder graph's image inputs (ort.Tensor by name), most recent few
   }
 
   static async create(info) {
@@ -49,17 +51,18 @@ export class OnnxDecoder {
     ort.env.wasm.wasmPaths = info.runtime_url.replace(/[^/]*$/, '');
     // Threads need cross-origin isolation, which the server's COOP / COEP headers provide.
     ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
-    const graph = await getArrayBuffer(info.url);
-    const session = await ort.InferenceSession.create(graph, { executionProviders: ['wasm'] });
-    return new OnnxDecoder(ort, session, info);
+    const open = async (url) => ort.InferenceSession.create(await getArrayBuffer(url), { executionProviders: ['wasm'] });
+    const [session, cacheSession] = await Promise.all([open(info.url), open(info.cache_url)]);
+    return new OnnxDecoder(ort, session, cacheSession, info);
   }
 
+  // Fetch the image embedding and run the per-image graph on it, once per image.
   async prepare(image) {
-    if (this.embeddings.has(image.id)) return;
+    if (this.images.has(image.id)) return;
     const buffer = await getArrayBuffer(`images/${image.id}/embedding`);
-    const tensor = new this.ort.Tensor('float32', new Float32Array(buffer), image.embedding_shape);
-    this.embeddings.set(image.id, tensor);
-    while (this.embeddings.size > 4) this.embeddings.delete(this.embeddings.keys().next().value);
+    const embedding = new this.ort.Tensor('float32', new Float32Array(buffer), image.embedding_shape);
+    this.images.set(image.id, await this.cacheSession.run({ image_embeddings: embedding }));
+    while (this.images.size > 4) this.images.delete(this.images.keys().next().value);
   }
 
   async decode(image, prompt, maskInput) {
@@ -83,7 +86,7 @@ export class OnnxDecoder {
     const n = labels.length;
     const side = this.side;
     const feeds = {
-      image_embeddings: this.embeddings.get(image.id),
+      ...this.images.get(image.id),
       point_coords: new Tensor('float32', Float32Array.from(coords), [1, n, 2]),
       point_labels: new Tensor('float32', Float32Array.from(labels), [1, n]),
       mask_input: new Tensor('float32', maskInput || new Float32Array(side * side), [1, 1, side, side]),
