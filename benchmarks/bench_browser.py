@@ -1,6 +1,6 @@
 """In-browser decoder latency: the exported decoder graph run by onnxruntime-web in headless Chromium.
 
-Exports the decoder of a checkpoint three ways and times one click (a foreground point plus the
+Exports the decoder of a checkpoint four ways and times one click (a foreground point plus the
 padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
 
   faithful   ``export_decoder(model)``: the reference computation, all 4 masks upscaled in the graph;
@@ -9,6 +9,9 @@ padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
              loads: low-res logits from the graph, the best candidate upscaled by the app's own
              JavaScript (``static/masks.js``), included in the time (the app upscales the other two
              only when the user cycles to them).
+  cache+js   ``export_decoder(model, fast=True, upscale_masks=False, image_cache=True)`` with the
+             per-image graph of ``export_decoder_cache(model)`` (the first block's image projections,
+             run once per image and timed on its own in the ``cache`` row), upscaled as fast+js.
 
 The graphs are served with the page's onnxruntime-web files from a local HTTP server that sends the
 cross-origin-isolation headers (WebAssembly threads need them). Native onnxruntime (Python) on the
@@ -58,10 +61,24 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
   for (let i = 0; i < emb.length; i++) emb[i] = 2 * rand() - 1;
   const scale = side / Math.max(height, width);
   const inputH = Math.floor(height * scale + 0.5), inputW = Math.floor(width * scale + 0.5);
-  const results = {isolated: self.crossOriginIsolated, graphs: {}};
-  for (const name of graphs) {
-    const bytes = await (await fetch(name)).arrayBuffer();
-    const session = await ort.InferenceSession.create(bytes, {executionProviders: ['wasm']});
+  const results = {isolated: self.crossOriginIsolated, graphs: {}, caches: {}};
+  const load = async (file) => ort.InferenceSession.create(await (await fetch(file)).arrayBuffer(),
+                                                           {executionProviders: ['wasm']});
+  for (const {file, cache} of graphs) {
+    const session = await load(file);
+    let projections = {};
+    if (cache) {
+      // The per-image graph: run once per image (timed on its own, several times to warm up).
+      const cacheSession = await load(cache);
+      const cacheTimes = [];
+      for (let r = 0; r < 5; r++) {
+        const t0 = performance.now();
+        projections = await cacheSession.run({image_embeddings: new ort.Tensor('float32', emb, [1, dim, grid, grid])});
+        cacheTimes.push(performance.now() - t0);
+      }
+      results.caches[file] = cacheTimes.slice(2);
+      await cacheSession.release();
+    }
     const times = [];
     for (let r = 0; r < repeats + 3; r++) {
       const feeds = {
@@ -71,6 +88,7 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
         mask_input: new ort.Tensor('float32', new Float32Array(4 * grid * 4 * grid), [1, 1, 4 * grid, 4 * grid]),
         has_mask_input: new ort.Tensor('float32', Float32Array.from([0]), [1]),
         orig_im_size: new ort.Tensor('float32', Float32Array.from([height, width]), [2]),
+        ...projections,
       };
       for (const key of Object.keys(feeds)) if (!session.inputNames.includes(key)) delete feeds[key];
       const t0 = performance.now();
@@ -87,7 +105,7 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
       if (r >= 3) times.push(ms);  // the first runs warm up
     }
     await session.release();
-    results.graphs[name] = times;
+    results.graphs[file] = times;
   }
   return results;
 }"""
@@ -104,7 +122,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _native(path: Path, threads: int, repeats: int, height: int, width: int, side: int, grid: int, dim: int):
+def _native(path: Path, threads: int, repeats: int, height: int, width: int, side: int, grid: int, dim: int,
+            cache: "Path | None" = None):
+    """Milliseconds per click of graph ``path`` in native onnxruntime; with ``cache`` (the per-image graph)
+    also the times of that graph, run once per image: ``(click_times, cache_times)``."""
     import numpy as np
     import onnxruntime as ort
 
@@ -113,6 +134,15 @@ def _native(path: Path, threads: int, repeats: int, height: int, width: int, sid
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     emb = rng.uniform(-1, 1, (1, dim, grid, grid)).astype(np.float32)
+    projections, cache_times = {}, []
+    if cache is not None:
+        cache_session = ort.InferenceSession(str(cache), options, providers=["CPUExecutionProvider"])
+        for r in range(5):
+            start = time.perf_counter()
+            out = cache_session.run(None, {"image_embeddings": emb})
+            cache_times.append((time.perf_counter() - start) * 1000.0)
+        projections = dict(zip((o.name for o in cache_session.get_outputs()), out))
+        cache_times = cache_times[2:]
     scale = side / max(height, width)
     times = []
     for r in range(repeats + 3):
@@ -124,6 +154,7 @@ def _native(path: Path, threads: int, repeats: int, height: int, width: int, sid
             "mask_input": np.zeros((1, 1, 4 * grid, 4 * grid), np.float32),
             "has_mask_input": np.zeros(1, np.float32),
             "orig_im_size": np.array([height, width], np.float32),
+            **projections,
         }
         names = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in names}
@@ -131,7 +162,7 @@ def _native(path: Path, threads: int, repeats: int, height: int, width: int, sid
         session.run(None, feeds)
         if r >= 3:
             times.append((time.perf_counter() - start) * 1000.0)
-    return times
+    return times, cache_times
 
 
 def main(argv=None) -> int:
@@ -163,7 +194,7 @@ def main(argv=None) -> int:
     import torch
 
     import anyseg
-    from anyseg.export import export_decoder
+    from anyseg.export import export_decoder, export_decoder_cache
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="anyseg-bench-browser-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -171,11 +202,16 @@ def main(argv=None) -> int:
     shutil.copy(ORT_DIR.parent / "masks.js", work / "masks.js")
     (work / "index.html").write_text(PAGE, encoding="utf-8")
     model = anyseg.load_model(args.checkpoint, device="cpu")
-    graphs = {"faithful": "decoder.onnx", "fast": "decoder-fast.onnx", "fast+js": "decoder-fast-lowres.onnx"}
+    # kind -> (decoder graph, per-image graph or None)
+    graphs = {"faithful": ("decoder.onnx", None), "fast": ("decoder-fast.onnx", None),
+              "fast+js": ("decoder-fast-lowres.onnx", None),
+              "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache.onnx")}
     with torch.no_grad():
-        export_decoder(model, work / graphs["faithful"])
-        export_decoder(model, work / graphs["fast"], fast=True)
-        export_decoder(model, work / graphs["fast+js"], fast=True, upscale_masks=False)
+        export_decoder(model, work / graphs["faithful"][0])
+        export_decoder(model, work / graphs["fast"][0], fast=True)
+        export_decoder(model, work / graphs["fast+js"][0], fast=True, upscale_masks=False)
+        export_decoder(model, work / graphs["cache+js"][0], fast=True, upscale_masks=False, image_cache=True)
+        export_decoder_cache(model, work / graphs["cache+js"][1])
     dims = dict(height=height, width=width, side=int(model.img_size), grid=int(model.config.embedding_size),
                 dim=int(model.prompt_encoder.embed_dim))
 
@@ -189,20 +225,26 @@ def main(argv=None) -> int:
             for threads in thread_counts:
                 page = browser.new_page()  # a fresh page per thread count: the wasm runtime starts once per page
                 page.goto(url)
-                result = page.evaluate(BENCH_JS, dict(graphs=list(graphs.values()), threads=threads,
-                                                      repeats=args.repeats, **dims))
+                specs = [dict(file=f, cache=c) for f, c in graphs.values()]
+                result = page.evaluate(BENCH_JS, dict(graphs=specs, threads=threads, repeats=args.repeats, **dims))
                 if threads > 1 and not result["isolated"]:
                     print("warning: the page is not cross-origin isolated, so WebAssembly ran single-threaded",
                           file=sys.stderr)
-                for kind, name in graphs.items():
+                for kind, (name, cache) in graphs.items():
                     rows.append(("onnxruntime-web (wasm)", kind, threads, result["graphs"][name]))
+                    if cache:
+                        rows.append(("onnxruntime-web (wasm)", "cache", threads, result["caches"][name]))
                 page.close()
             browser.close()
     finally:
         server.shutdown()
     for threads in thread_counts:
-        for kind, name in graphs.items():
-            rows.append(("onnxruntime (native)", kind, threads, _native(work / name, threads, args.repeats, **dims)))
+        for kind, (name, cache) in graphs.items():
+            clicks, cache_times = _native(work / name, threads, args.repeats, **dims,
+                                          cache=None if cache is None else work / cache)
+            rows.append(("onnxruntime (native)", kind, threads, clicks))
+            if cache:
+                rows.append(("onnxruntime (native)", "cache", threads, cache_times))
 
     print(f"\ndecoder, one click, masks at {height}x{width}: {Path(args.checkpoint).name}, "
           f"{args.repeats} repeats, {os.cpu_count()} CPUs")

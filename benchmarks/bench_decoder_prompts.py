@@ -7,7 +7,8 @@ Upscaling and mask post-processing are not included: the faithful side is
 IoU head). A random-weight SAM decoder (256 wide, 64 x 64 embedding grid, two prompt tokens per prompt
 as a grid point gives) is timed at several batch sizes.
 
-Prints a table: batch size, milliseconds per prompt (median of the repeats), speed-up; then the
+Prints a table: batch size, milliseconds per prompt (median of the repeats), speed-up; one prompt with
+a mask prompt given as its dense embedding and as ``mask_hidden`` (through the per-image cache); then the
 multiply-adds of one prompt through each part of the decoder (torch.utils.flop_counter).
 
 usage:
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     decoder = MaskDecoder(MaskDecoderConfig()).eval()
     embedding, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
     no_mask = torch.randn(1, 256)
-    fast = FastDecoder(decoder, pe, no_mask)
+    fast = FastDecoder(decoder, pe, no_mask, mask_projection=torch.nn.Conv2d(16, 256, kernel_size=1))
     rows = []
     with torch.inference_mode():
         fast.set_image(embedding)
@@ -83,12 +84,22 @@ def main(argv=None) -> int:
             faithful = _per_prompt_ms(faithful_step, b, args.seconds)
             tokens = _per_prompt_ms(lambda: fast.tokens(sparse), b, args.seconds)
             rows.append((b, faithful, tokens))
+        # One refinement click: a point plus a mask prompt, given as the dense embedding (the first
+        # block projects the image per prompt) or before its last 1 x 1 layer (through the cache).
+        sparse = torch.randn(1, 2, 256)
+        dense, hidden = torch.randn(1, 256, 64, 64), torch.randn(1, 16, 64, 64)
+        refine = (_per_prompt_ms(lambda: fast.tokens(sparse, dense), 1, args.seconds),
+                  _per_prompt_ms(lambda: fast.tokens(sparse, mask_hidden=hidden), 1, args.seconds))
     print(f"\ntwo-way transformer per prompt, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"{allocator}")
     print("| prompts per call | faithful transformer + IoU head (ms / prompt) | FastDecoder.tokens (ms / prompt) | speed-up |")
     print("|---:|---:|---:|---:|")
     for b, faithful, tokens in rows:
         print(f"| {b} | {faithful:.1f} | {tokens:.1f} | {faithful / tokens:.2f}x |")
+    print("\none prompt with a mask prompt (refinement), FastDecoder.tokens (ms)")
+    print("| mask prompt given as dense | given as mask_hidden | speed-up |")
+    print("|---:|---:|---:|")
+    print(f"| {refine[0]:.1f} | {refine[1]:.1f} | {refine[0] / refine[1]:.2f}x |")
     _print_multiply_adds(decoder, fast, no_mask)
     return 0
 
@@ -101,6 +112,7 @@ def _print_multiply_adds(decoder, fast, no_mask) -> None:
 
     sparse = torch.randn(1, 2, 256)
     mask_prompt = torch.randn(1, 256, 64, 64)
+    mask_hidden = torch.randn(1, 16, 64, 64)  # before the prompt encoder's last 1 x 1 layer
     m = decoder.num_mask_tokens
 
     def faithful_click():
@@ -110,7 +122,9 @@ def _print_multiply_adds(decoder, fast, no_mask) -> None:
     parts = [
         ("faithful MaskDecoder, 3 masks", faithful_click),
         ("FastDecoder.tokens, no mask prompt (a click)", lambda: fast.tokens(sparse)),
-        ("FastDecoder.tokens, with a mask prompt (refinement; the app's graph)", lambda: fast.tokens(sparse, mask_prompt)),
+        ("FastDecoder.tokens, with a mask prompt given as its dense embedding", lambda: fast.tokens(sparse, mask_prompt)),
+        ("FastDecoder.tokens, with a mask prompt given as mask_hidden (refinement; the app's graph)",
+         lambda: fast.tokens(sparse, mask_hidden=mask_hidden)),
         ("FastDecoder.transformer + final attention of the IoU token (segment everything)",
          lambda: fast.final(*fast.transformer(sparse), 0, 1)),
     ]
