@@ -12,6 +12,9 @@ padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
   cache+js   ``export_decoder(model, fast=True, upscale_masks=False, image_cache=True)`` with the
              per-image graph of ``export_decoder_cache(model)`` (the first block's image projections,
              run once per image and timed on its own in the ``cache`` row), upscaled as fast+js.
+  cache:tf   the cache+js decoder graph stopped after the two-way transformer (the upscaling network
+             replaced by a tiny stand-in): with cache+js, the time split between the transformer and
+             the upscaling (network and JavaScript).
 
 The graphs are served with the page's onnxruntime-web files from a local HTTP server that sends the
 cross-origin-isolation headers (WebAssembly threads need them). Native onnxruntime (Python) on the
@@ -40,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 ORT_DIR = REPO / "anyseg" / "server" / "static" / "ort"
@@ -93,7 +97,9 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
       for (const key of Object.keys(feeds)) if (!session.inputNames.includes(key)) delete feeds[key];
       const t0 = performance.now();
       const out = await session.run(feeds);
-      if (out.masks) {
+      if (out.low_res_masks && out.low_res_masks.dims[2] < 4 * grid) {
+        // the transformer-only graph: nothing to upscale
+      } else if (out.masks) {
         if (out.masks.dims[2] !== height || out.masks.dims[3] !== width) throw new Error('unexpected mask size');
       } else {
         // As the app does: the best of the three candidates is upscaled at once, the others on demand.
@@ -165,6 +171,12 @@ def _native(path: Path, threads: int, repeats: int, height: int, width: int, sid
     return times, cache_times
 
 
+def _transformer_only(self, mask_tokens, image_tokens, which):
+    """Stands in for ``FastDecoder.masks`` in the cache:tf graph: ``B x k x 1 x 1``, a value that depends
+    on the transformer's outputs (so that the graph keeps all of it) without any upscaling."""
+    return (mask_tokens[:, list(which), :1] + image_tokens[:, :1, :1]).unsqueeze(-1)
+
+
 def main(argv=None) -> int:
     shared = Path(os.environ.get("ANYSEG_SHARED", REPO.parent / "shared"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +207,7 @@ def main(argv=None) -> int:
 
     import anyseg
     from anyseg.export import export_decoder, export_decoder_cache
+    from anyseg.fast.decoder import FastDecoder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="anyseg-bench-browser-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -205,8 +218,11 @@ def main(argv=None) -> int:
     # kind -> (decoder graph, per-image graph or None)
     graphs = {"faithful": ("decoder.onnx", None), "fast": ("decoder-fast.onnx", None),
               "fast+js": ("decoder-fast-lowres.onnx", None),
-              "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache.onnx")}
+              "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache.onnx"),
+              "cache:tf": ("decoder-transformer-only.onnx", "decoder-cache.onnx")}
     with torch.no_grad():
+        with mock.patch.object(FastDecoder, "masks", _transformer_only):
+            export_decoder(model, work / graphs["cache:tf"][0], fast=True, upscale_masks=False, image_cache=True)
         export_decoder(model, work / graphs["faithful"][0])
         export_decoder(model, work / graphs["fast"][0], fast=True)
         export_decoder(model, work / graphs["fast+js"][0], fast=True, upscale_masks=False)
@@ -232,7 +248,7 @@ def main(argv=None) -> int:
                           file=sys.stderr)
                 for kind, (name, cache) in graphs.items():
                     rows.append(("onnxruntime-web (wasm)", kind, threads, result["graphs"][name]))
-                    if cache:
+                    if kind == "cache+js":
                         rows.append(("onnxruntime-web (wasm)", "cache", threads, result["caches"][name]))
                 page.close()
             browser.close()
@@ -243,7 +259,7 @@ def main(argv=None) -> int:
             clicks, cache_times = _native(work / name, threads, args.repeats, **dims,
                                           cache=None if cache is None else work / cache)
             rows.append(("onnxruntime (native)", kind, threads, clicks))
-            if cache:
+            if kind == "cache+js":
                 rows.append(("onnxruntime (native)", "cache", threads, cache_times))
 
     print(f"\ndecoder, one click, masks at {height}x{width}: {Path(args.checkpoint).name}, "
