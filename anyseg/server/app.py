@@ -207,19 +207,20 @@ def create_app(model, settings: Optional[ServerSettings] = None):
             img_size=int(model.img_size), mask_side=int(side),
         )
 
+    def _graph_file(path, filename: str) -> FileResponse:
+        if decoder.status != "ready" or path is None:
+            raise HTTPException(404, f"the decoder graph is not available: {decoder.reason}")
+        return FileResponse(path, media_type="application/octet-stream", filename=filename)
+
     @app.get(f"{API}/decoder.onnx", tags=["browser decoder"], dependencies=auth,
              summary="the exported mask decoder graph (ONNX)", response_class=FileResponse)
     def decoder_graph():
-        if decoder.status != "ready" or decoder.path is None:
-            raise HTTPException(404, f"the decoder graph is not available: {decoder.reason}")
-        return FileResponse(decoder.path, media_type="application/octet-stream", filename="decoder.onnx")
+        return _graph_file(decoder.path, "decoder.onnx")
 
     @app.get(f"{API}/decoder-cache.onnx", tags=["browser decoder"], dependencies=auth,
              summary="the per-image graph whose outputs the decoder graph takes (ONNX)", response_class=FileResponse)
     def decoder_cache_graph():
-        if decoder.status != "ready" or decoder.cache_path is None:
-            raise HTTPException(404, f"the decoder graph is not available: {decoder.reason}")
-        return FileResponse(decoder.cache_path, media_type="application/octet-stream", filename="decoder-cache.onnx")
+        return _graph_file(decoder.cache_path, "decoder-cache.onnx")
 
     # ------------------------------------------------------------------------------------- folder
     def _folder() -> ImageFolder:

@@ -43,7 +43,7 @@ export class OnnxDecoder {
     this.cacheSession = cacheSession;
     this.imgSize = info.img_size;
     this.side = info.mask_side;
-    this.images = new Map(); // image id -> the decoder graph's image inputs (ort.Tensor by name), most recent few
+    this.images = new Map(); // image id -> promise of the decoder graph's image inputs (ort.Tensor by name), most recent few
   }
 
   static async create(info) {
@@ -56,17 +56,24 @@ export class OnnxDecoder {
     return new OnnxDecoder(ort, session, cacheSession, info);
   }
 
-  // Fetch the image embedding and run the per-image graph on it, once per image.
-  async prepare(image) {
-    if (this.images.has(image.id)) return;
-    const buffer = await getArrayBuffer(`images/${image.id}/embedding`);
-    const embedding = new this.ort.Tensor('float32', new Float32Array(buffer), image.embedding_shape);
-    this.images.set(image.id, await this.cacheSession.run({ image_embeddings: embedding }));
-    while (this.images.size > 4) this.images.delete(this.images.keys().next().value);
+  // Fetch the image embedding and run the per-image graph on it, once per image (a click while that is
+  // under way waits for the same work instead of starting it again).
+  prepare(image) {
+    if (!this.images.has(image.id)) {
+      const pending = (async () => {
+        const buffer = await getArrayBuffer(`images/${image.id}/embedding`);
+        const embedding = new this.ort.Tensor('float32', new Float32Array(buffer), image.embedding_shape);
+        return this.cacheSession.run({ image_embeddings: embedding });
+      })();
+      pending.catch(() => this.images.delete(image.id)); // a failure is retried on the next call
+      this.images.set(image.id, pending);
+      while (this.images.size > 4) this.images.delete(this.images.keys().next().value);
+    }
+    return this.images.get(image.id);
   }
 
   async decode(image, prompt, maskInput) {
-    await this.prepare(image);
+    const imageInputs = await this.prepare(image);
     const { Tensor } = this.ort;
     const sx = image.input_width / image.width;
     const sy = image.input_height / image.height;
@@ -86,7 +93,7 @@ export class OnnxDecoder {
     const n = labels.length;
     const side = this.side;
     const feeds = {
-      ...this.images.get(image.id),
+      ...imageInputs,
       point_coords: new Tensor('float32', Float32Array.from(coords), [1, n, 2]),
       point_labels: new Tensor('float32', Float32Array.from(labels), [1, n]),
       mask_input: new Tensor('float32', maskInput || new Float32Array(side * side), [1, 1, side, side]),
