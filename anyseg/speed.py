@@ -80,7 +80,7 @@ class SpeedConfig:
             ``encoder_dtype`` (run in a copy of the encoder, autocast off inside them). None: the encoder
             kind's default from :data:`SENSITIVE_MODULES` for that dtype; ``()``: none.
         keep_freed_memory: on Linux with glibc, let the C allocator keep freed blocks (below 128 MiB,
-            up to 256 MiB of them) for reuse instead of handing each large temporary back to the
+            up to 512 MiB of them) for reuse instead of handing each large temporary back to the
             system, so the decoder's 4 MB-per-prompt temporaries do not page-fault afresh on every call
             (see :func:`keep_freed_memory`). Process-wide and not undone; the computation is unchanged.
     """
@@ -275,7 +275,7 @@ def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch
 
 # glibc mallopt parameters (malloc.h), and the values keep_freed_memory sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD, TRIM_THRESHOLD = 128 << 20, 256 << 20
+MMAP_THRESHOLD, TRIM_THRESHOLD = 128 << 20, 512 << 20
 _MALLOC_TUNED: Optional[bool] = None
 
 
@@ -285,9 +285,11 @@ def keep_freed_memory() -> bool:
     By default glibc serves every block above a (dynamic, at most 32 MiB) threshold with a fresh
     ``mmap`` and returns it to the system on ``free``, so each new ``B x 4096 x 256`` float tensor of
     the mask decoder is zero-filled page by page by the kernel (about 1000 page faults per 4 MB). Here
-    blocks below ``MMAP_THRESHOLD`` (128 MiB) come from the heap, and up to ``TRIM_THRESHOLD`` (256 MiB)
-    of free heap is kept for reuse. Larger blocks are still mapped and unmapped, so big one-off tensors
-    (full-size masks) do not pin memory in the heap. Results are unchanged. Process-wide and
+    blocks below ``MMAP_THRESHOLD`` (128 MiB) come from the heap, and up to ``TRIM_THRESHOLD`` (512 MiB)
+    of free heap is kept for reuse: more than one batch of segment-everything's decoder temporaries
+    (about 400 MB for 16 prompts), which a lower bound handed back to the system after every batch.
+    Larger blocks are still mapped and unmapped, so big one-off tensors (full-size masks) do not pin
+    memory in the heap. Results are unchanged. Process-wide and
     idempotent; a no-op (False) where glibc is not the C library.
     """
     global _MALLOC_TUNED
