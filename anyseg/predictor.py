@@ -15,7 +15,7 @@ from PIL import Image
 
 from .geometry import boxes_to_model, boxes_to_model_torch, coords_to_model, resized_shape
 from . import speed
-from .fast.decoder import FastDecoder
+from .fast.decoder import CPU_UPSCALE_CHUNK, FastDecoder
 from .fast.resize import get_resizer
 from .modeling.sam import Sam
 from .prompts import ImageNotSetError, check_boxes, check_mask_input, check_points
@@ -214,9 +214,10 @@ class SamPredictor:
         self._require_image()
         if self._fast_decoder is None:
             model = self.model
+            chunk = {"upscale_chunk": CPU_UPSCALE_CHUNK} if self.features.device.type == "cpu" else {}
             self._fast_decoder = FastDecoder(model.mask_decoder, model.prompt_encoder.get_dense_pe(),
                                              model.prompt_encoder.no_mask_embed.weight,
-                                             mask_projection=model.prompt_encoder.mask_downscaling[-1])
+                                             mask_projection=model.prompt_encoder.mask_downscaling[-1], **chunk)
             with speed.decoder_autocast(model):
                 self._fast_decoder.set_image(self.features)
         return self._fast_decoder

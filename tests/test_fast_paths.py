@@ -79,6 +79,20 @@ def test_fast_decoder_matches_mask_decoder(multimask, with_mask, chunk, batch):
     assert (got_iou - want_iou).abs().max().item() <= 1e-4
 
 
+def test_cpu_predictor_upscales_in_chunks_below_the_mmap_threshold():
+    """On a CPU the predictor's fast decoder upscales CPU_UPSCALE_CHUNK prompts at a time, whose
+    ``B x 4h x 4w x C/8`` float32 temporaries for SAM's decoder (64 x 64 grid, C = 256) stay below the
+    size that glibc maps afresh for every block even with keep_freed_memory."""
+    from anyseg.fast.decoder import CPU_UPSCALE_CHUNK
+    from anyseg.speed import MMAP_THRESHOLD
+
+    per_prompt = (4 * 64) ** 2 * (256 // 8) * 4
+    assert CPU_UPSCALE_CHUNK * per_prompt < MMAP_THRESHOLD
+    predictor = anyseg.SamPredictor(anyseg.load_model("nano"))
+    predictor.set_image(np.zeros((32, 48, 3), np.uint8))
+    assert predictor.fast_decoder().upscale_chunk == CPU_UPSCALE_CHUNK
+
+
 @pytest.mark.parametrize("size", [(32, 32), (24, 40), (8, 8)])
 def test_fused_vit_attention_in_query_blocks_matches_faithful(size):
     """Fused global attention with relative positions runs in query blocks (``query_chunk``): the same

@@ -127,6 +127,12 @@ def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, v
 # block-diagonal token matrix (an efficient shape) rather than a per-head product with inner size d.
 _BLOCK_DIAGONAL_COLUMNS = 512
 
+# Prompts upscaled together on a CPU. The upscaling network's B x 4h x 4w x C/8 float32 temporaries
+# (8 MiB per prompt for SAM) then stay below the 128 MiB above which glibc maps each block afresh even
+# with anyseg.speed.keep_freed_memory: 16 prompts (128 MiB and a header) were mapped and faulted in
+# page by page for every chunk.
+CPU_UPSCALE_CHUNK = 8
+
 
 def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor, *,
                     keys_pe: Optional[torch.Tensor] = None, cached_q: Optional[torch.Tensor] = None,
