@@ -189,7 +189,7 @@ class SamPredictor:
             sparse, _ = self.model.embed_prompts(points=points, boxes=boxes)
             hidden = None
             if mask_input is not None:
-                hidden = self.model.prompt_encoder.mask_downscaling[:-1](mask_input).to(self.features.dtype)
+                hidden = self.model.prompt_encoder.mask_features(mask_input).to(self.features.dtype)
                 if sparse.shape[0] != hidden.shape[0]:
                     sparse = sparse.expand(hidden.shape[0], -1, -1)
             with speed.decoder_autocast(self.model):
@@ -217,7 +217,7 @@ class SamPredictor:
             chunk = {"upscale_chunk": CPU_UPSCALE_CHUNK} if self.features.device.type == "cpu" else {}
             self._fast_decoder = FastDecoder(model.mask_decoder, model.prompt_encoder.get_dense_pe(),
                                              model.prompt_encoder.no_mask_embed.weight,
-                                             mask_projection=model.prompt_encoder.mask_downscaling[-1], **chunk)
+                                             mask_projection=model.prompt_encoder.mask_projection, **chunk)
             with speed.decoder_autocast(model):
                 self._fast_decoder.set_image(self.features)
         return self._fast_decoder

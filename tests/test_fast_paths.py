@@ -166,6 +166,17 @@ def test_fast_decoder_mask_prompt_through_the_cache(batch):
     assert (got_masks - none_masks).abs().max().item() > 100 * tol  # the mask prompt does change the answer
 
 
+def test_mask_features_and_projection_make_the_mask_embedding():
+    """The fast paths feed a mask prompt as ``mask_features`` and fold ``mask_projection`` into the
+    per-image cache; together they are the prompt encoder's mask embedding."""
+    pe = anyseg.load_model("nano").prompt_encoder
+    masks = torch.randn(2, 1, *pe.mask_input_size)
+    with torch.inference_mode():
+        hidden = pe.mask_features(masks)
+        assert hidden.shape[1] == pe.mask_projection.in_channels
+        assert torch.allclose(pe.mask_projection(hidden), pe.embed_masks(masks), atol=1e-6)
+
+
 def test_fast_decoder_without_projections_needs_a_mask_prompt():
     """``set_image(project=False)`` (the single-call form of ONNX export) skips the per-image
     projections: decoding with a dense prompt matches, decoding without one is refused."""

@@ -81,6 +81,16 @@ def _plain_copy(module: nn.Module, gelu_approximate: bool) -> nn.Module:
     return module
 
 
+def _fast_decoder(wrapper: nn.Module):
+    """A :class:`anyseg.fast.decoder.FastDecoder` over a graph wrapper's copies of the prompt encoder and
+    mask decoder (and its ``dense_pe`` buffer), traced into the graph."""
+    from ..fast.decoder import FastDecoder
+
+    pe = wrapper.prompt_encoder
+    return FastDecoder(wrapper.mask_decoder, wrapper.dense_pe, pe.no_mask_embed.weight,
+                       mask_projection=pe.mask_projection)
+
+
 class SamOnnxDecoder(nn.Module):
     """Prompt encoder + mask decoder + postprocessing as one traceable module (see module docs).
 
@@ -141,19 +151,12 @@ class SamOnnxDecoder(nn.Module):
         dense = has_mask_input * pe.mask_downscaling(mask_input)
         return dense + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
 
-    def _fast_decoder(self):
-        from ..fast.decoder import FastDecoder
-
-        pe = self.prompt_encoder
-        return FastDecoder(self.mask_decoder, self.dense_pe, pe.no_mask_embed.weight,
-                           mask_projection=pe.mask_downscaling[-1])
-
     def _fast_predict(self, image: Sequence[torch.Tensor], sparse: torch.Tensor, mask_input: torch.Tensor,
                       has_mask_input: torch.Tensor):
         from ..fast.decoder import ImageCache
 
         dec = self.mask_decoder
-        fast = self._fast_decoder()
+        fast = _fast_decoder(self)
         if not self.image_cache:
             # The dense embedding enters as a prompt: the first block attends to image + dense per click.
             fast.set_image(image[0], project=False).pe = self.pe_tokens
@@ -163,7 +166,7 @@ class SamOnnxDecoder(nn.Module):
             keys, kh0, vh0, q0 = image
             size = tuple(int(v) for v in self.prompt_encoder.image_embedding_size)
             fast.cache = ImageCache(None, size, None, self.pe_tokens, keys, kh0, vh0, q0)
-            hidden = self.prompt_encoder.mask_downscaling[:-1](mask_input)
+            hidden = self.prompt_encoder.mask_features(mask_input)
             iou, mask_tokens, image_tokens = fast.tokens(sparse, mask_hidden=hidden, mask_present=has_mask_input)
         masks = fast.masks(mask_tokens, image_tokens, range(dec.num_mask_tokens))
         return masks, iou
@@ -245,10 +248,7 @@ class SamOnnxDecoderCache(nn.Module):
         self.register_buffer("dense_pe", self.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
 
     def forward(self, image_embeddings: torch.Tensor):
-        from ..fast.decoder import FastDecoder
-
-        fast = FastDecoder(self.mask_decoder, self.dense_pe, self.prompt_encoder.no_mask_embed.weight)
-        cache = fast.set_image(image_embeddings)
+        cache = _fast_decoder(self).set_image(image_embeddings)
         return cache.keys, cache.kh0, cache.vh0, cache.q0
 
 

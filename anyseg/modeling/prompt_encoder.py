@@ -103,6 +103,16 @@ class PromptEncoder(nn.Module):
         """``B x 1 x 4h x 4w`` low-res logits -> ``B x C x h x w``."""
         return self.mask_downscaling(masks)
 
+    @property
+    def mask_projection(self) -> nn.Conv2d:
+        """The last layer of the mask embedding: a 1 x 1 convolution from ``mask_in_chans`` to C."""
+        return self.mask_downscaling[-1]
+
+    def mask_features(self, masks: torch.Tensor) -> torch.Tensor:
+        """``B x 1 x 4h x 4w`` low-res logits -> ``B x mask_in_chans x h x w``, the mask embedding before
+        :attr:`mask_projection` (``embed_masks(m) == mask_projection(mask_features(m))``)."""
+        return self.mask_downscaling[:-1](masks)
+
     def forward(
         self,
         points: Optional[Tuple[torch.Tensor, torch.Tensor]],
