@@ -7,9 +7,10 @@ Speed rows use randomly initialised ``vit_b`` / ``vit_t`` models built from ``an
 checkpoints and images when the shared reference data is available.
 
 Columns: ``wall`` (best wall-clock seconds over the repeats), ``cpu`` (process CPU seconds of that
-repeat, all threads: less sensitive to other load on the machine than wall time), ``speedup`` (faithful
-wall / this wall, measured in the same process), throughput, and peak memory (resident set size sampled
-during the row, or CUDA max allocated on a GPU).
+repeat, all threads: less sensitive to other load on the machine than wall time), ``faults`` (the
+process's minor page faults in that repeat, where the platform counts them: memory the kernel had to
+hand out afresh), ``speedup`` (faithful wall / this wall, measured in the same process), throughput, and
+peak memory (resident set size sampled during the row, or CUDA max allocated on a GPU).
 """
 from __future__ import annotations
 
@@ -73,7 +74,15 @@ class PeakMemory:
             self.peak = max(self.peak, _rss_bytes())
 
 
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Dict[str, float]:
+def _minor_faults() -> Optional[int]:
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Dict[str, Any]:
     fn = torch.inference_mode()(fn)  # as the predictor runs: no autograd graph, no saved activations
     for _ in range(warmup):
         fn()
@@ -82,14 +91,14 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
         for _ in range(max(1, repeats)):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            w0, c0 = time.perf_counter(), time.process_time()
+            w0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            wall, cpu, f1 = time.perf_counter() - w0, time.process_time() - c0, _minor_faults()
             if best is None or wall < best[0]:
-                best = (wall, cpu)
-    return {"wall": best[0], "cpu": best[1], "peak_bytes": mem.peak}
+                best = (wall, cpu, None if f0 is None else f1 - f0)
+    return {"wall": best[0], "cpu": best[1], "faults": best[2], "peak_bytes": mem.peak}
 
 
 def speed_configs(device: torch.device, all_dtypes: bool = False, compile: bool = False) -> Dict[str, SpeedConfig]:
@@ -291,13 +300,14 @@ def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: Lis
     for failure in meta.get("failures", []):
         lines += [f"**{failure['task']} failed**: {failure['error']}", ""]
     mem = "peak CUDA alloc (MB)" if meta["device"].startswith("cuda") else "peak RSS (MB)"
-    lines += [f"| task | config | wall (s) | CPU (s) | speedup | throughput | {mem} | fast paths |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| task | config | wall (s) | CPU (s) | page faults | speedup | throughput | {mem} | fast paths |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         extra = f" ({r['n_masks']} masks)" if "n_masks" in r else ""
         if "per_image_ms" in r:
             extra = f" ({r['per_image_ms']:.1f} ms/img)"
-        lines.append(f"| {r['task']}{extra} | {r['config']} | {r['wall']:.3f} | {r['cpu']:.3f} | "
+        faults = "-" if r.get("faults") is None else str(r["faults"])
+        lines.append(f"| {r['task']}{extra} | {r['config']} | {r['wall']:.3f} | {r['cpu']:.3f} | {faults} | "
                      f"{r['speedup']:.2f}x | {r['throughput']:.2f} {r['unit']} | {_mb(r['peak_bytes'])} | {r['describe']} |")
     if quality:
         lines += ["", "| model | config | min mask IoU vs faithful (worst case) | max IoU-score error | "
