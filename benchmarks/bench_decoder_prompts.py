@@ -8,7 +8,8 @@ IoU head). A random-weight SAM decoder (256 wide, 64 x 64 embedding grid, two pr
 as a grid point gives) is timed at several batch sizes.
 
 Prints a table: batch size, milliseconds per prompt (median of the repeats), speed-up; one prompt with
-a mask prompt given as its dense embedding and as ``mask_hidden`` (through the per-image cache); then the
+a mask prompt given as its dense embedding and as ``mask_hidden`` (through the per-image cache); the
+upscaling network of one click (three masks); then the
 multiply-adds of one prompt through each part of the decoder (torch.utils.flop_counter).
 
 usage:
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
         dense, hidden = torch.randn(1, 256, 64, 64), torch.randn(1, 16, 64, 64)
         refine = (_per_prompt_ms(lambda: fast.tokens(sparse, dense), 1, args.seconds),
                   _per_prompt_ms(lambda: fast.tokens(sparse, mask_hidden=hidden), 1, args.seconds))
+        # The rest of a click's decoder work: the upscaling network for the three multimask candidates.
+        _, mask_tokens, image_tokens = fast.tokens(sparse)
+        upscale = _per_prompt_ms(lambda: fast.masks(mask_tokens, image_tokens, [1, 2, 3]), 1, args.seconds)
     print(f"\ntwo-way transformer per prompt, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"{allocator}")
     print("| prompts per call | faithful transformer + IoU head (ms / prompt) | FastDecoder.tokens (ms / prompt) | speed-up |")
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
     print("| mask prompt given as dense | given as mask_hidden | speed-up |")
     print("|---:|---:|---:|")
     print(f"| {refine[0]:.1f} | {refine[1]:.1f} | {refine[0] / refine[1]:.2f}x |")
+    print(f"\none click, upscaling network for its 3 candidates (FastDecoder.masks): {upscale:.1f} ms")
     _print_multiply_adds(decoder, fast, no_mask)
     return 0
 
