@@ -166,6 +166,43 @@ def test_fast_decoder_mask_prompt_through_the_cache(batch):
     assert (got_masks - none_masks).abs().max().item() > 100 * tol  # the mask prompt does change the answer
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fast_decoder_low_rank_upscaling_matches_dense(with_mask):
+    """On a CPU the upscaling's first layer reads the image tokens as the cached keys plus per-prompt
+    low-rank terms (LowRankImage): the same low-res logits as from the dense image tokens, in one piece
+    and in chunks, for selected prompts, and with a mask prompt through the cache. Where it does not
+    apply (a dense mask prompt, autograd on) the transformer hands back None."""
+    torch.manual_seed(5)
+    dec = MaskDecoder(MaskDecoderConfig()).eval()
+    for p in dec.parameters():  # layer norms with weights far from 1 and biases far from 0
+        p.data.add_(torch.randn_like(p) * 0.3)
+    conv = torch.nn.Conv2d(16, 256, kernel_size=1)
+    emb, pe, no_mask = torch.randn(1, 256, 12, 12), torch.randn(1, 256, 12, 12), torch.randn(1, 256)
+    sparse, hidden = torch.randn(5, 3, 256), torch.randn(5, 16, 12, 12)
+    mask = {"mask_hidden": hidden} if with_mask else {}
+    with torch.inference_mode():
+        fast = FastDecoder(dec, pe, no_mask, mask_projection=conv, upscale_chunk=2)
+        fast.set_image(emb)
+        queries, tokens, keys, low_rank = fast.transformer(sparse, low_rank=True, **mask)
+        assert low_rank is not None and low_rank.z.shape[:2] == (5, 144)
+        assert torch.equal(keys, fast.transformer(sparse, **mask)[2])  # the tokens themselves are unchanged
+        # The representation reproduces the image tokens: alpha * (K G) + Z U.
+        rebuilt = low_rank.alpha.unsqueeze(-1) * (fast.cache.keys * low_rank.gamma) + low_rank.z @ low_rank.u
+        assert (rebuilt - keys).abs().max().item() <= 1e-4 * keys.abs().max().item()
+        mask_tokens = fast.final(queries, tokens, keys, 1, 1 + dec.num_mask_tokens)
+        want = fast.masks(mask_tokens, keys, [1, 2, 3])
+        got = fast.masks(mask_tokens, keys, [1, 2, 3], low_rank=low_rank)
+        pick = torch.tensor([4, 1])
+        got_some = fast.masks(mask_tokens[pick], keys[pick], [0, 2], low_rank=low_rank.select(pick))
+        want_some = fast.masks(mask_tokens[pick], keys[pick], [0, 2])
+        assert fast.transformer(sparse, conv(hidden), low_rank=True)[3] is None
+    graded = FastDecoder(dec, pe, no_mask, mask_projection=conv)
+    assert graded.transformer(sparse.clone(), embedding=emb, low_rank=True, **mask)[3] is None
+    tol = 1e-5 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= tol
+    assert (got_some - want_some).abs().max().item() <= tol
+
+
 def test_mask_features_and_projection_make_the_mask_embedding():
     """The fast paths feed a mask prompt as ``mask_features`` and fold ``mask_projection`` into the
     per-image cache; together they are the prompt encoder's mask embedding."""

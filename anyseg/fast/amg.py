@@ -78,9 +78,10 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     sparse, _ = model.embed_prompts(points=(coords[:, None, :], labels), boxes=None, masks=None)
     decoder = predictor.fast_decoder()
     which = list(range(1, decoder.decoder.num_mask_tokens))
-    n_out = 1 + decoder.decoder.num_mask_tokens
     with decoder_autocast(model):
-        queries, tokens, image_tokens = decoder.transformer(sparse.to(predictor.features.dtype))
+        sparse = sparse.to(predictor.features.dtype)
+        queries, tokens, image_tokens, low_rank = decoder.transformer(sparse,
+                                                                      low_rank=decoder.upscale_low_rank(sparse))
         # The predicted IoU reads the IoU token only: the final attention runs for it alone first, and
         # for the mask tokens only of prompts that pass the filter.
         iou_all = decoder.decoder.iou_prediction_head(decoder.final(queries, tokens, image_tokens, 0, 1)[:, 0])
@@ -96,9 +97,13 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
             return empty, torch.zeros(0), torch.zeros(0, 2, dtype=torch.float64)
         if prompts.numel() < iou.shape[0]:
             queries, tokens, image_tokens = queries[prompts], tokens[prompts], image_tokens[prompts]
-        mask_tokens = decoder.final(queries, tokens, image_tokens, 1, n_out)
-        low_res = decoder.masks(mask_tokens, image_tokens, which).float().flatten(0, 1)
-    del image_tokens
+            low_rank = None if low_rank is None else low_rank.select(prompts)
+        # The mask tokens asked for only (the single-mask token is not read).
+        mask_tokens = decoder.final_tokens(queries, tokens, image_tokens, [1 + i for i in which])
+        hyper = torch.stack([decoder.decoder.output_hypernetworks_mlps[i](mask_tokens[:, j])
+                             for j, i in enumerate(which)], dim=1)
+        low_res = decoder.upscale(hyper, image_tokens, low_rank).float().flatten(0, 1)
+    del image_tokens, low_rank
     keep = passed[prompts].flatten().nonzero().flatten()
     low_res = low_res[keep] if keep.numel() < low_res.shape[0] else low_res
     prompts_cpu = prompts.cpu()

@@ -18,9 +18,14 @@ arithmetic, so in float32 its outputs match the faithful decoder to rounding (ab
   a rank-``m`` change and a constant. Its effect on the cached projections is folded into the few
   tokens (``(q Wk Wm) h^T`` and the like): products with ``m`` columns per prompt instead of projecting
   ``N x C`` keys (pass ``mask_hidden``, the features before that convolution).
-* **Only the needed tokens** go through the final attention (IoU and mask tokens), and
-  :meth:`FastDecoder.final` runs it for any range of them (each token attends on its own): segment
-  everything runs it for the IoU token first and for the mask tokens of surviving prompts only.
+* **Only the needed tokens** go through the final attention (the IoU token and the mask tokens asked
+  for), and :meth:`FastDecoder.final` runs it for any range of them (each token attends on its own):
+  segment everything runs it for the IoU token first and for the mask tokens of surviving prompts only.
+* **Low-rank image tokens for the upscaling (CPU).** Each block adds a rank-``T H`` update to the image
+  tokens and layer-normalises them (a per-token scale and shift), so the final image tokens are the
+  cached keys, scaled per token, plus low-rank terms (:class:`LowRankImage`). The upscaling's first
+  layer is linear: the cached keys go through it once per image, and per prompt only the low-rank
+  terms do (about 116 instead of 256 columns for SAM).
 * **Transposed convolutions as matrix products** on channels-last pixels (kernel = stride = 2 means
   each input pixel maps to its own 2 x 2 output block), with the pixel shuffle applied once, to the
   few output masks at the end, and only for the masks asked for.
@@ -134,20 +139,20 @@ _BLOCK_DIAGONAL_COLUMNS = 512
 CPU_UPSCALE_CHUNK = 8
 
 
-def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor, *,
-                    keys_pe: Optional[torch.Tensor] = None, cached_q: Optional[torch.Tensor] = None,
-                    mask: Optional[MaskTerm] = None) -> torch.Tensor:
-    """``residual`` plus the attention of the image queries over ``B x T x C`` token keys / values.
+def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Tensor, *,
+                          keys_pe: Optional[torch.Tensor] = None, cached_q: Optional[torch.Tensor] = None,
+                          mask: Optional[MaskTerm] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The attention of the image queries over ``B x T x C`` token keys / values as ``(z, u, shift)``:
+    the block adds ``z @ u`` (``B x N x r`` times ``B x r x C``) and, with a mask term, the row ``shift``
+    (``B x C`` or ``1 x C``) to its residual.
 
     The image queries are ``keys_pe`` (``B x N x C``: image tokens plus positional encoding), or
     ``cached_q``, their projection ``1 x N x (H d)`` shared by all prompts, with an optional ``mask``
-    term (:class:`MaskTerm`) added to the image side. ``residual`` (``B x N x C`` or
-    ``1 x N x C``) is what the block adds the attention to; returns that sum, ``B x N x C``, before the
-    block's norm. The arithmetic: the query projection folded into the token keys (``a``, plus a
-    per-column constant from the query bias), probabilities laid out ``N x T x H`` so that the softmax
-    over ``T`` runs along contiguous heads, the output projection folded into the ``T`` values and its
-    bias spread over them (the probabilities of each head sum to one), so the result is one ``baddbmm``
-    onto ``residual``.
+    term (:class:`MaskTerm`) added to the image side. The arithmetic: the query projection folded into
+    the token keys (``a``, plus a per-column constant from the query bias), probabilities laid out
+    ``N x T x H`` so that the softmax over ``T`` runs along contiguous heads, the output projection
+    folded into the ``T`` values and its bias spread over them (the probabilities of each head sum to
+    one): ``z`` are the probabilities and ``u`` those values, so the update is one ``baddbmm``.
     """
     heads = attn.num_heads
     b, t, _ = tok_k.shape
@@ -194,9 +199,8 @@ def _image_to_token(attn: Attention, residual: torch.Tensor, tok_k: torch.Tensor
     if mask is not None:
         # The residual is image + hidden Wm^T + shift: hidden rides along as m more columns of probs.
         wm = mask.wm.t().unsqueeze(0).expand(b, -1, -1)
-        return torch.baddbmm(residual + mask.shift.unsqueeze(1), torch.cat([probs, mask.hidden], dim=2),
-                             torch.cat([vo, wm], dim=1))
-    return torch.baddbmm(residual, probs, vo)
+        return torch.cat([probs, mask.hidden], dim=2), torch.cat([vo, wm], dim=1), mask.shift
+    return probs, vo, None
 
 
 @dataclass
@@ -216,6 +220,62 @@ class ImageCache:
     kh0: Optional[torch.Tensor]
     vh0: Optional[torch.Tensor]
     q0: Optional[torch.Tensor]
+    upscale_base: Optional[torch.Tensor] = None  # keys G W1 (see LowRankImage), formed on first use
+
+
+@dataclass
+class LowRankImage:
+    """The processed image tokens as the per-image keys plus per-prompt low-rank terms.
+
+    Each two-way block ends with ``keys' = norm(keys + z u)``, a layer norm that scales and shifts each
+    token (row): ``(x - mean) * rstd * gamma + beta``. Starting from the cached keys ``K`` (image plus
+    no-mask embedding), after every block ``keys = alpha * (K G) + Z U``: ``alpha`` (``B x N``) the
+    product of the rows' ``rstd``, ``G`` the product of the norms' ``gamma`` (a diagonal), and ``Z``
+    (``B x N x r``) / ``U`` (``B x r x C``) collect each block's update ``z u``, its mean and its
+    ``beta`` (``r`` = 58 per block for SAM: 56 token-head columns, mean and beta). Any linear map ``W``
+    of the final keys is then ``alpha * (K G W) + Z (U W)``, where ``K G W`` is computed once per image:
+    the upscaling's first layer costs ``N r`` instead of ``N C`` per output column. Exact arithmetic,
+    reordered (float32 rounding only).
+    """
+
+    alpha: torch.Tensor
+    z: torch.Tensor
+    u: torch.Tensor
+    gamma: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "LowRankImage":
+        """The prompts ``index`` (a 1-D index tensor or a slice)."""
+        return LowRankImage(self.alpha[index], self.z[index], self.u[index], self.gamma)
+
+
+def _low_rank_step(image: Optional[LowRankImage], z: torch.Tensor, u: torch.Tensor, shift: Optional[torch.Tensor],
+                   mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> LowRankImage:
+    """One block's ``keys' = norm(keys + z u (+ shift))`` applied to the representation
+    ``keys = alpha * (K G) + Z U`` (``image``; None: the cached keys ``K`` themselves), given the norm's
+    row statistics ``mean``, ``rstd`` (``B x N x 1``). See :class:`LowRankImage`."""
+    b, n = mean.shape[:2]
+    c = u.shape[-1]
+    cols, rows = [z.expand(b, -1, -1)], [u.expand(b, -1, -1)]
+    if shift is not None:
+        cols.append(mean.new_ones(1, 1, 1).expand(b, n, 1))
+        rows.append(shift.reshape(-1, 1, c).expand(b, 1, c))
+    if image is not None:
+        cols.insert(0, image.z)
+        rows.insert(0, image.u.expand(b, -1, -1))
+    cols.append(mean)
+    rows.append(-gamma.new_ones(1, 1, c).expand(b, 1, c))
+    # Z' = [rstd * (Z, z, 1, mean), 1], written column block by column block into one buffer
+    r = sum(col.shape[2] for col in cols)
+    z_new = mean.new_empty(b, n, r + 1)
+    start = 0
+    for col in cols:
+        torch.mul(col, rstd, out=z_new[:, :, start : start + col.shape[2]])
+        start += col.shape[2]
+    z_new[:, :, r] = 1
+    u_new = torch.cat([torch.cat(rows, dim=1) * gamma, beta.view(1, 1, c).expand(b, 1, c)], dim=1)
+    alpha = rstd.squeeze(-1) if image is None else image.alpha * rstd.squeeze(-1)
+    g = gamma if image is None else image.gamma * gamma
+    return LowRankImage(alpha, z_new, u_new, g)
 
 
 class FastDecoder:
@@ -301,10 +361,12 @@ class FastDecoder:
     # ------------------------------------------------------------------------------------ decoding
     def transformer(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
                     embedding: Optional[torch.Tensor] = None, mask_hidden: Optional[torch.Tensor] = None,
-                    mask_present: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    mask_present: Optional[torch.Tensor] = None, low_rank: bool = False):
         """The two-way blocks for ``B`` prompts, without the final attention: ``(queries, tokens, keys)``,
         the ``B x T x C`` token states and inputs and the ``B x N x C`` processed image tokens, for
-        :meth:`final`. Arguments as :meth:`tokens`."""
+        :meth:`final`. Arguments as :meth:`tokens`. With ``low_rank`` a fourth item, the image tokens as
+        a :class:`LowRankImage` for :meth:`masks` (None where it does not apply: a ``dense`` mask
+        prompt, a reduced dtype, or autograd on)."""
         cache = self._require(embedding)
         if dense is not None and mask_hidden is not None:
             raise ValueError("give a mask prompt as dense or as mask_hidden, not both")
@@ -317,6 +379,9 @@ class FastDecoder:
         pe = cache.pe
         mask = None if mask_hidden is None else self._mask_term(cache, mask_hidden, mask_present)
         kh, vh, q0 = cache.kh0, cache.vh0, cache.q0
+        track = (low_rank and dense is None and cache.keys.dtype == torch.float32 and not torch.is_grad_enabled()
+                 and not torch.is_autocast_enabled(cache.keys.device.type))
+        image = None
         for i, layer in enumerate(layers):
             queries = layer.token_self_attention(queries, tokens)
             q = queries + tokens
@@ -333,14 +398,27 @@ class FastDecoder:
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + tokens
+            attn = layer.cross_attn_image_to_token
             if shared:
-                summed = _image_to_token(layer.cross_attn_image_to_token, cache.keys, q, queries, cached_q=q0,
-                                         mask=mask)
+                z, u, shift = _image_to_token_terms(attn, q, queries, cached_q=q0, mask=mask)
+                residual = cache.keys if shift is None else cache.keys + shift.unsqueeze(1)
+                summed = torch.baddbmm(residual, z, u)
             else:
-                summed = _image_to_token(layer.cross_attn_image_to_token, keys, q, queries, keys_pe=keys_pe)
+                z, u, shift = _image_to_token_terms(attn, q, queries, keys_pe=keys_pe)
+                # keys (made in this call, read by nothing after this block) takes the update in place
+                own = not (torch.is_grad_enabled() and keys.requires_grad)
+                summed = keys.baddbmm_(z, u) if own else torch.baddbmm(keys, z, u)
             keys_pe = None
-            keys = layer.norm4(summed)
+            norm = layer.norm4
+            if track:
+                keys, mean, rstd = torch.native_layer_norm(summed, norm.normalized_shape, norm.weight, norm.bias,
+                                                           norm.eps)
+                image = _low_rank_step(image, z, u, shift, mean, rstd, norm.weight, norm.bias)
+            else:
+                keys = norm(summed)
             del summed
+        if low_rank:
+            return queries, tokens, keys, image
         return queries, tokens, keys
 
     def final(self, queries: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, first: int,
@@ -357,6 +435,15 @@ class FastDecoder:
         else:
             out = _token_to_image(attn, q, keys, keys_pe=keys + self.cache.pe)
         return tf.norm_final_attn(queries + out)
+
+    def final_tokens(self, queries: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor,
+                     index: Sequence[int]) -> torch.Tensor:
+        """:meth:`final` for the tokens ``index`` (any list of token positions): ``B x len(index) x C``."""
+        index = list(index)
+        if index == list(range(index[0], index[0] + len(index))):
+            return self.final(queries, tokens, keys, index[0], index[0] + len(index))
+        sel = torch.tensor(index, device=queries.device)
+        return self.final(queries.index_select(1, sel), tokens.index_select(1, sel), keys, 0, len(index))
 
     def tokens(self, sparse: torch.Tensor, dense: Optional[torch.Tensor] = None,
                embedding: Optional[torch.Tensor] = None, mask_hidden: Optional[torch.Tensor] = None,
@@ -378,15 +465,39 @@ class FastDecoder:
         out = self.final(queries, tokens, keys, 0, n_out)  # only the IoU and mask tokens are read
         return self.decoder.iou_prediction_head(out[:, 0, :]), out[:, 1:], keys
 
-    def masks(self, mask_tokens: torch.Tensor, image_tokens: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
+    def upscale_low_rank(self, like: torch.Tensor) -> bool:
+        """Whether :meth:`upscale` should be given a :class:`LowRankImage` for tensors on ``like``'s
+        device: on a CPU (fewer multiply-adds); not on a GPU, where the upscaling's products are cheap
+        and the representation's ``B x N x r`` terms would add memory and kernel launches."""
+        return like.device.type == "cpu"
+
+    def _upscale_base(self, gamma: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+        """``K G W1`` for :class:`LowRankImage` (``1 x N x 4 C/4``), once per image."""
+        cache = self._require(None)
+        if cache.upscale_base is None:
+            cache.upscale_base = torch.matmul(cache.keys * gamma, w1)
+        return cache.upscale_base
+
+    def masks(self, mask_tokens: torch.Tensor, image_tokens: torch.Tensor, which: Sequence[int],
+              low_rank: Optional[LowRankImage] = None) -> torch.Tensor:
         """Upscale and apply the hypernetworks: ``B x m x C`` mask tokens and ``B x N x C`` image tokens ->
-        low-res logits ``B x len(which) x 4h x 4w`` for the mask indices ``which``."""
+        low-res logits ``B x len(which) x 4h x 4w`` for the mask indices ``which``. ``low_rank``: the
+        same image tokens as a :class:`LowRankImage` (from :meth:`transformer`), which makes the
+        upscaling's first layer cheaper."""
+        which = list(which)
+        dec = self.decoder
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in which], dim=1)
+        return self.upscale(hyper, image_tokens, low_rank)
+
+    def upscale(self, hyper: torch.Tensor, image_tokens: torch.Tensor,
+                 low_rank: Optional[LowRankImage]) -> torch.Tensor:
+        """The upscaling network and the hypernetworks' product: ``B x k x C/8`` hypernetwork outputs
+        and the ``B x N x C`` image tokens (and their :class:`LowRankImage`, or None) -> ``B x k x 4h x 4w``
+        low-res logits."""
         cache = self._require(None)
         dec = self.decoder
         h, w = cache.size
-        b = mask_tokens.shape[0]
-        which = list(which)
-        hyper = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in which], dim=1)
+        b, k = hyper.shape[:2]
         up1, ln, act1, up2, act2 = dec.output_upscaling
         c = up1.in_channels
         c4, c8 = up1.out_channels, up2.out_channels
@@ -395,32 +506,47 @@ class FastDecoder:
         b1 = up1.bias.repeat(4)
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
         b2 = up2.bias.repeat(4)
-        def upscale(tokens: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
-            n = tokens.shape[0]
-            x = torch.addmm(b1, tokens.reshape(-1, c), w1)  # (n N) x (a b c4)
+        base = None if low_rank is None else self._upscale_base(low_rank.gamma, w1)
+
+        def upscale(sl: slice) -> torch.Tensor:
+            hyp = hyper[sl]
+            n = hyp.shape[0]
+            if low_rank is None:
+                x = torch.addmm(b1, image_tokens[sl].reshape(-1, c), w1)  # (n N) x (a b c4)
+            else:  # alpha * (K G W1) + Z (U W1) + b1
+                x = torch.addcmul(b1, base, low_rank.alpha[sl].unsqueeze(-1))
+                x = x.baddbmm_(low_rank.z[sl], torch.matmul(low_rank.u[sl], w1))
             x = F.layer_norm(x.view(-1, c4), (c4,), ln.weight, ln.bias, ln.eps)
             x = act1(x)
             x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
             x = x.view(n, h * w * 16, c8)
-            m = torch.bmm(x, hyper.transpose(1, 2))  # n x (i j a b a2 b2) x k
-            m = m.view(n, h, w, 2, 2, 2, 2, len(which))
+            m = torch.bmm(x, hyp.transpose(1, 2))  # n x (i j a b a2 b2) x k
+            m = m.view(n, h, w, 2, 2, 2, 2, k)
             # rows 4i + 2a + a2, columns 4j + 2b + b2
-            return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, len(which), 4 * h, 4 * w)
+            return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
 
         if b <= self.upscale_chunk:  # one piece (also the traceable form used by ONNX export)
-            return upscale(image_tokens, hyper)
-        out = image_tokens.new_empty((b, len(which), 4 * h, 4 * w))
+            return upscale(slice(None))
+        out = hyper.new_empty((b, k, 4 * h, 4 * w))
         for start in range(0, b, self.upscale_chunk):
             sl = slice(start, start + self.upscale_chunk)
-            out[sl] = upscale(image_tokens[sl], hyper[sl])
+            out[sl] = upscale(sl)
         return out
 
     def __call__(self, sparse: torch.Tensor, dense: Optional[torch.Tensor], multimask_output: bool,
                  embedding: Optional[torch.Tensor] = None,
                  mask_hidden: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Same contract as ``MaskDecoder.forward``: low-res logits ``B x k x 4h x 4w`` and IoU ``B x k``
-        (``mask_hidden`` as in :meth:`tokens`)."""
-        iou, mask_tokens, image_tokens = self.tokens(sparse, dense, embedding, mask_hidden)
-        m = self.decoder.num_mask_tokens
+        (``mask_hidden`` as in :meth:`tokens`). The final attention runs for the IoU token and the mask
+        tokens asked for only."""
+        dec = self.decoder
+        # The low-rank upscaling saves multiply-adds, which is what a CPU is short of; on a GPU the
+        # click is bound by kernel launches, and the extra bookkeeping kernels would not pay.
+        low_rank = self.upscale_low_rank(sparse)
+        queries, tokens, keys, low_rank = self.transformer(sparse, dense, embedding, mask_hidden, low_rank=low_rank)
+        m = dec.num_mask_tokens
         which = list(range(1, m)) if multimask_output else [0]
-        return self.masks(mask_tokens, image_tokens, which), iou[:, which]
+        out = self.final_tokens(queries, tokens, keys, [0] + [1 + i for i in which])
+        iou = dec.iou_prediction_head(out[:, 0, :])[:, which]
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](out[:, 1 + j, :]) for j, i in enumerate(which)], dim=1)
+        return self.upscale(hyper, keys, low_rank), iou
