@@ -166,6 +166,10 @@ def test_fast_decoder_mask_prompt_through_the_cache(batch):
     assert (got_masks - none_masks).abs().max().item() > 100 * tol  # the mask prompt does change the answer
 
 
+def mask_tokens_of(fast, queries, tokens, keys):
+    return fast.final(queries, tokens, keys, 1, 1 + fast.decoder.num_mask_tokens)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_fast_decoder_low_rank_upscaling_matches_dense(with_mask):
     """On a CPU the upscaling's first layer reads the image tokens as the cached keys plus per-prompt
@@ -184,23 +188,27 @@ def test_fast_decoder_low_rank_upscaling_matches_dense(with_mask):
         fast = FastDecoder(dec, pe, no_mask, mask_projection=conv, upscale_chunk=2)
         fast.set_image(emb)
         queries, tokens, keys, low_rank = fast.transformer(sparse, low_rank=True, **mask)
-        assert low_rank is not None and low_rank.z.shape[:2] == (5, 144)
         assert torch.equal(keys, fast.transformer(sparse, **mask)[2])  # the tokens themselves are unchanged
+        pick = torch.tensor([4, 1])
+        got_some = fast.masks(mask_tokens_of(fast, queries, tokens, keys)[pick], keys[pick], [0, 2],
+                              low_rank=low_rank.select(pick))
+        terms = low_rank.terms()
+        assert terms.z.shape[:2] == (5, 144)
         # The representation reproduces the image tokens: alpha * (K G) + Z U.
-        rebuilt = low_rank.alpha.unsqueeze(-1) * (fast.cache.keys * low_rank.gamma) + low_rank.z @ low_rank.u
+        rebuilt = terms.alpha.unsqueeze(-1) * (fast.cache.keys * terms.gamma) + terms.z @ terms.u
         assert (rebuilt - keys).abs().max().item() <= 1e-4 * keys.abs().max().item()
-        mask_tokens = fast.final(queries, tokens, keys, 1, 1 + dec.num_mask_tokens)
+        mask_tokens = mask_tokens_of(fast, queries, tokens, keys)
         want = fast.masks(mask_tokens, keys, [1, 2, 3])
         got = fast.masks(mask_tokens, keys, [1, 2, 3], low_rank=low_rank)
-        pick = torch.tensor([4, 1])
-        got_some = fast.masks(mask_tokens[pick], keys[pick], [0, 2], low_rank=low_rank.select(pick))
         want_some = fast.masks(mask_tokens[pick], keys[pick], [0, 2])
+        got_some_formed = fast.masks(mask_tokens[pick], keys[pick], [0, 2], low_rank=low_rank.select(pick))
         assert fast.transformer(sparse, conv(hidden), low_rank=True)[3] is None
     graded = FastDecoder(dec, pe, no_mask, mask_projection=conv)
     assert graded.transformer(sparse.clone(), embedding=emb, low_rank=True, **mask)[3] is None
     tol = 1e-5 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= tol
-    assert (got_some - want_some).abs().max().item() <= tol
+    assert (got_some - want_some).abs().max().item() <= tol  # selected before the terms were formed
+    assert (got_some_formed - want_some).abs().max().item() <= tol  # and after
 
 
 def test_mask_features_and_projection_make_the_mask_embedding():

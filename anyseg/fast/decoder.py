@@ -224,35 +224,80 @@ class ImageCache:
 
 
 @dataclass
-class LowRankImage:
-    """The processed image tokens as the per-image keys plus per-prompt low-rank terms.
-
-    Each two-way block ends with ``keys' = norm(keys + z u)``, a layer norm that scales and shifts each
-    token (row): ``(x - mean) * rstd * gamma + beta``. Starting from the cached keys ``K`` (image plus
-    no-mask embedding), after every block ``keys = alpha * (K G) + Z U``: ``alpha`` (``B x N``) the
-    product of the rows' ``rstd``, ``G`` the product of the norms' ``gamma`` (a diagonal), and ``Z``
-    (``B x N x r``) / ``U`` (``B x r x C``) collect each block's update ``z u``, its mean and its
-    ``beta`` (``r`` = 58 per block for SAM: 56 token-head columns, mean and beta). Any linear map ``W``
-    of the final keys is then ``alpha * (K G W) + Z (U W)``, where ``K G W`` is computed once per image:
-    the upscaling's first layer costs ``N r`` instead of ``N C`` per output column. Exact arithmetic,
-    reordered (float32 rounding only).
-    """
+class LowRankTerms:
+    """``keys = alpha * (K G) + Z U`` (see :class:`LowRankImage`): ``alpha`` ``B x N``, ``z`` ``B x N x r``,
+    ``u`` ``B x r x C``, ``gamma`` the diagonal ``G`` (``C``)."""
 
     alpha: torch.Tensor
     z: torch.Tensor
     u: torch.Tensor
     gamma: torch.Tensor
 
-    def select(self, index: torch.Tensor) -> "LowRankImage":
+
+@dataclass
+class _BlockUpdate:
+    """One block's ``keys' = norm(keys + z u (+ shift))`` and its norm's row statistics."""
+
+    z: torch.Tensor  # B x N x r
+    u: torch.Tensor  # B x r x C (or 1 x r x C)
+    shift: Optional[torch.Tensor]  # B x C, 1 x C or None
+    mean: torch.Tensor  # B x N x 1
+    rstd: torch.Tensor  # B x N x 1
+    gamma: torch.Tensor
+    beta: torch.Tensor
+
+    def select(self, index) -> "_BlockUpdate":
+        def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return t if t is None or t.shape[0] == 1 else t[index]
+        return _BlockUpdate(self.z[index], pick(self.u), pick(self.shift), self.mean[index], self.rstd[index],
+                            self.gamma, self.beta)
+
+
+class LowRankImage:
+    """The processed image tokens as the per-image keys plus per-prompt low-rank terms.
+
+    Each two-way block ends with ``keys' = norm(keys + z u)``, a layer norm that scales and shifts each
+    token (row): ``(x - mean) * rstd * gamma + beta``. Starting from the cached keys ``K`` (image plus
+    no-mask embedding), after every block ``keys = alpha * (K G) + Z U`` (:meth:`terms`): ``alpha``
+    (``B x N``) the product of the rows' ``rstd``, ``G`` the product of the norms' ``gamma`` (a
+    diagonal), and ``Z`` (``B x N x r``) / ``U`` (``B x r x C``) collect each block's update ``z u``, its
+    mean and its ``beta`` (``r`` = 58 per block for SAM: 56 token-head columns, mean and beta). Any
+    linear map ``W`` of the final keys is then ``alpha * (K G W) + Z (U W)``, where ``K G W`` is computed
+    once per image: the upscaling's first layer costs ``N r`` instead of ``N C`` per output column.
+    Exact arithmetic, reordered (float32 rounding only).
+
+    The blocks' updates are only kept (the probabilities and values they computed anyway); the terms
+    are formed on first use, so prompts that are never upscaled (segment-everything's filter) cost
+    nothing more. :meth:`select` keeps some prompts.
+    """
+
+    def __init__(self, steps: Sequence[_BlockUpdate]) -> None:
+        self.steps = list(steps)
+        self._terms: Optional[LowRankTerms] = None
+
+    def select(self, index) -> "LowRankImage":
         """The prompts ``index`` (a 1-D index tensor or a slice)."""
-        return LowRankImage(self.alpha[index], self.z[index], self.u[index], self.gamma)
+        if self._terms is not None:
+            t = self._terms
+            out = LowRankImage([])
+            out._terms = LowRankTerms(t.alpha[index], t.z[index], t.u[index], t.gamma)
+            return out
+        return LowRankImage([step.select(index) for step in self.steps])
+
+    def terms(self) -> LowRankTerms:
+        """``alpha``, ``Z``, ``U`` and ``G`` (formed once)."""
+        if self._terms is None:
+            terms = None
+            for step in self.steps:
+                terms = _low_rank_step(terms, step)
+            self._terms = terms
+        return self._terms
 
 
-def _low_rank_step(image: Optional[LowRankImage], z: torch.Tensor, u: torch.Tensor, shift: Optional[torch.Tensor],
-                   mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> LowRankImage:
-    """One block's ``keys' = norm(keys + z u (+ shift))`` applied to the representation
-    ``keys = alpha * (K G) + Z U`` (``image``; None: the cached keys ``K`` themselves), given the norm's
-    row statistics ``mean``, ``rstd`` (``B x N x 1``). See :class:`LowRankImage`."""
+def _low_rank_step(image: Optional[LowRankTerms], step: _BlockUpdate) -> LowRankTerms:
+    """One block's update applied to the representation ``keys = alpha * (K G) + Z U`` (``image``;
+    None: the cached keys ``K`` themselves). See :class:`LowRankImage`."""
+    z, u, shift, mean, rstd, gamma, beta = step.z, step.u, step.shift, step.mean, step.rstd, step.gamma, step.beta
     b, n = mean.shape[:2]
     c = u.shape[-1]
     cols, rows = [z.expand(b, -1, -1)], [u.expand(b, -1, -1)]
@@ -275,7 +320,7 @@ def _low_rank_step(image: Optional[LowRankImage], z: torch.Tensor, u: torch.Tens
     u_new = torch.cat([torch.cat(rows, dim=1) * gamma, beta.view(1, 1, c).expand(b, 1, c)], dim=1)
     alpha = rstd.squeeze(-1) if image is None else image.alpha * rstd.squeeze(-1)
     g = gamma if image is None else image.gamma * gamma
-    return LowRankImage(alpha, z_new, u_new, g)
+    return LowRankTerms(alpha, z_new, u_new, g)
 
 
 class FastDecoder:
@@ -381,7 +426,7 @@ class FastDecoder:
         kh, vh, q0 = cache.kh0, cache.vh0, cache.q0
         track = (low_rank and dense is None and cache.keys.dtype == torch.float32 and not torch.is_grad_enabled()
                  and not torch.is_autocast_enabled(cache.keys.device.type))
-        image = None
+        steps = []
         for i, layer in enumerate(layers):
             queries = layer.token_self_attention(queries, tokens)
             q = queries + tokens
@@ -413,12 +458,12 @@ class FastDecoder:
             if track:
                 keys, mean, rstd = torch.native_layer_norm(summed, norm.normalized_shape, norm.weight, norm.bias,
                                                            norm.eps)
-                image = _low_rank_step(image, z, u, shift, mean, rstd, norm.weight, norm.bias)
+                steps.append(_BlockUpdate(z, u, shift, mean, rstd, norm.weight, norm.bias))
             else:
                 keys = norm(summed)
             del summed
         if low_rank:
-            return queries, tokens, keys, image
+            return queries, tokens, keys, LowRankImage(steps) if track else None
         return queries, tokens, keys
 
     def final(self, queries: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, first: int,
@@ -506,16 +551,17 @@ class FastDecoder:
         b1 = up1.bias.repeat(4)
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
         b2 = up2.bias.repeat(4)
-        base = None if low_rank is None else self._upscale_base(low_rank.gamma, w1)
+        terms = None if low_rank is None else low_rank.terms()
+        base = None if terms is None else self._upscale_base(terms.gamma, w1)
 
         def upscale(sl: slice) -> torch.Tensor:
             hyp = hyper[sl]
             n = hyp.shape[0]
-            if low_rank is None:
+            if terms is None:
                 x = torch.addmm(b1, image_tokens[sl].reshape(-1, c), w1)  # (n N) x (a b c4)
             else:  # alpha * (K G W1) + Z (U W1) + b1
-                x = torch.addcmul(b1, base, low_rank.alpha[sl].unsqueeze(-1))
-                x = x.baddbmm_(low_rank.z[sl], torch.matmul(low_rank.u[sl], w1))
+                x = torch.addcmul(b1, base, terms.alpha[sl].unsqueeze(-1))
+                x = x.baddbmm_(terms.z[sl], torch.matmul(terms.u[sl], w1))
             x = F.layer_norm(x.view(-1, c4), (c4,), ln.weight, ln.bias, ln.eps)
             x = act1(x)
             x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
