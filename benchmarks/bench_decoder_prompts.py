@@ -9,7 +9,8 @@ as a grid point gives) is timed at several batch sizes.
 
 Prints a table: batch size, milliseconds per prompt (median of the repeats), speed-up; one prompt with
 a mask prompt given as its dense embedding and as ``mask_hidden`` (through the per-image cache); the
-upscaling network of one click (three masks); then the
+upscaling network of one click (three masks) from the image tokens and from their low-rank form; one
+click's whole decoder; then the
 multiply-adds of one prompt through each part of the decoder (torch.utils.flop_counter).
 
 usage:
@@ -91,9 +92,15 @@ def main(argv=None) -> int:
         dense, hidden = torch.randn(1, 256, 64, 64), torch.randn(1, 16, 64, 64)
         refine = (_per_prompt_ms(lambda: fast.tokens(sparse, dense), 1, args.seconds),
                   _per_prompt_ms(lambda: fast.tokens(sparse, mask_hidden=hidden), 1, args.seconds))
-        # The rest of a click's decoder work: the upscaling network for the three multimask candidates.
+        # The rest of a click's decoder work: the upscaling network for the three multimask candidates,
+        # from the dense image tokens and from their low-rank form (what a CPU click uses).
         _, mask_tokens, image_tokens = fast.tokens(sparse)
-        upscale = _per_prompt_ms(lambda: fast.masks(mask_tokens, image_tokens, [1, 2, 3]), 1, args.seconds)
+        low_rank = fast.transformer(sparse, low_rank=True)[3]
+        upscale = (_per_prompt_ms(lambda: fast.masks(mask_tokens, image_tokens, [1, 2, 3]), 1, args.seconds),
+                   _per_prompt_ms(lambda: fast.masks(mask_tokens, image_tokens, [1, 2, 3], low_rank=low_rank),
+                                  1, args.seconds))
+        # A whole click's decoder as SamPredictor runs it (3 masks, low-res logits).
+        click = _per_prompt_ms(lambda: fast(sparse, None, True), 1, args.seconds)
     print(f"\ntwo-way transformer per prompt, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"{allocator}")
     print("| prompts per call | faithful transformer + IoU head (ms / prompt) | FastDecoder.tokens (ms / prompt) | speed-up |")
@@ -104,7 +111,11 @@ def main(argv=None) -> int:
     print("| mask prompt given as dense | given as mask_hidden | speed-up |")
     print("|---:|---:|---:|")
     print(f"| {refine[0]:.1f} | {refine[1]:.1f} | {refine[0] / refine[1]:.2f}x |")
-    print(f"\none click, upscaling network for its 3 candidates (FastDecoder.masks): {upscale:.1f} ms")
+    print("\none click, upscaling network for its 3 candidates (FastDecoder.masks, ms)")
+    print("| from the image tokens | from their low-rank form (CPU default) | speed-up |")
+    print("|---:|---:|---:|")
+    print(f"| {upscale[0]:.1f} | {upscale[1]:.1f} | {upscale[0] / upscale[1]:.2f}x |")
+    print(f"\none click's whole decoder, 3 masks (FastDecoder call, as SamPredictor.predict runs it): {click:.1f} ms")
     _print_multiply_adds(decoder, fast, no_mask)
     return 0
 
@@ -135,8 +146,13 @@ def _print_multiply_adds(decoder, fast, no_mask) -> None:
     ]
     with torch.inference_mode():
         _, mask_tokens, image_tokens = fast.tokens(sparse)
+        low_rank = fast.transformer(sparse, low_rank=True)[3]
         parts += [(f"FastDecoder.masks, {k} masks (upscaling network)",
                    lambda k=k: fast.masks(mask_tokens, image_tokens, range(m - k, m))) for k in (3, m)]
+        parts += [("FastDecoder.masks, 3 masks, from the low-rank image tokens (CPU default)",
+                   lambda: fast.masks(mask_tokens, image_tokens, range(1, m), low_rank=low_rank)),
+                  ("FastDecoder call, 3 masks (a whole click's decoder as SamPredictor runs it on a CPU)",
+                   lambda: fast(sparse, None, True))]
         print("\nmultiply-adds per prompt")
         print("| part | G multiply-adds |")
         print("|---|---:|")
