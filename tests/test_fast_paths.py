@@ -208,7 +208,7 @@ def test_fast_decoder_low_rank_upscaling_matches_dense(with_mask):
     tol = 1e-5 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= tol
     assert (got_some - want_some).abs().max().item() <= tol  # selected before the terms were formed
-    assert (got_some_formed - want_some).abs().max().item() <= tol  # and after
+    assert (got_some_formed - want_some).abs().max().item() <= tol  # and after they were formed for all
 
 
 def test_mask_features_and_projection_make_the_mask_embedding():

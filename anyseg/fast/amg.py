@@ -100,9 +100,7 @@ def decode_low_res(gen, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
             low_rank = None if low_rank is None else low_rank.select(prompts)
         # The mask tokens asked for only (the single-mask token is not read).
         mask_tokens = decoder.final_tokens(queries, tokens, image_tokens, [1 + i for i in which])
-        hyper = torch.stack([decoder.decoder.output_hypernetworks_mlps[i](mask_tokens[:, j])
-                             for j, i in enumerate(which)], dim=1)
-        low_res = decoder.upscale(hyper, image_tokens, low_rank).float().flatten(0, 1)
+        low_res = decoder.upscale(decoder.hyper(mask_tokens, which), image_tokens, low_rank).float().flatten(0, 1)
     del image_tokens, low_rank
     keep = passed[prompts].flatten().nonzero().flatten()
     low_res = low_res[keep] if keep.numel() < low_res.shape[0] else low_res

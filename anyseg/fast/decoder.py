@@ -276,12 +276,7 @@ class LowRankImage:
         self._terms: Optional[LowRankTerms] = None
 
     def select(self, index) -> "LowRankImage":
-        """The prompts ``index`` (a 1-D index tensor or a slice)."""
-        if self._terms is not None:
-            t = self._terms
-            out = LowRankImage([])
-            out._terms = LowRankTerms(t.alpha[index], t.z[index], t.u[index], t.gamma)
-            return out
+        """The prompts ``index`` (a 1-D index tensor or a slice), their terms not formed yet."""
         return LowRankImage([step.select(index) for step in self.steps])
 
     def terms(self) -> LowRankTerms:
@@ -530,9 +525,13 @@ class FastDecoder:
         same image tokens as a :class:`LowRankImage` (from :meth:`transformer`), which makes the
         upscaling's first layer cheaper."""
         which = list(which)
-        dec = self.decoder
-        hyper = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens[:, i, :]) for i in which], dim=1)
-        return self.upscale(hyper, image_tokens, low_rank)
+        return self.upscale(self.hyper(mask_tokens[:, which], which), image_tokens, low_rank)
+
+    def hyper(self, mask_tokens: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
+        """The hypernetworks of the masks ``which`` on their tokens: ``B x len(which) x C`` (token ``j``
+        the one of mask ``which[j]``) -> ``B x len(which) x C/8``, for :meth:`upscale`."""
+        mlps = self.decoder.output_hypernetworks_mlps
+        return torch.stack([mlps[i](mask_tokens[:, j, :]) for j, i in enumerate(which)], dim=1)
 
     def upscale(self, hyper: torch.Tensor, image_tokens: torch.Tensor,
                  low_rank: Optional[LowRankImage]) -> torch.Tensor:
@@ -594,5 +593,4 @@ class FastDecoder:
         which = list(range(1, m)) if multimask_output else [0]
         out = self.final_tokens(queries, tokens, keys, [0] + [1 + i for i in which])
         iou = dec.iou_prediction_head(out[:, 0, :])[:, which]
-        hyper = torch.stack([dec.output_hypernetworks_mlps[i](out[:, 1 + j, :]) for j, i in enumerate(which)], dim=1)
-        return self.upscale(hyper, keys, low_rank), iou
+        return self.upscale(self.hyper(out[:, 1:], which), keys, low_rank), iou
