@@ -149,8 +149,8 @@ def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Ten
     The image queries are ``keys_pe`` (``B x N x C``: image tokens plus positional encoding), or
     ``cached_q``, their projection ``1 x N x (H d)`` shared by all prompts, with an optional ``mask``
     term (:class:`MaskTerm`) added to the image side. The arithmetic: the query projection folded into
-    the token keys (``a``, plus a per-column constant from the query bias), probabilities laid out
-    ``N x T x H`` so that the softmax over ``T`` runs along contiguous heads, the output projection
+    the token keys (``a``, plus a per-column constant from the query bias), logits laid out
+    ``T x H x N`` so that the softmax over ``T`` runs across contiguous slabs, the output projection
     folded into the ``T`` values and its bias spread over them (the probabilities of each head sum to
     one): ``z`` are the probabilities and ``u`` those values, so the update is one ``baddbmm``.
     """
@@ -167,39 +167,39 @@ def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Ten
     if cached_q is not None:
         n = cached_q.shape[1]
         if b * t * heads <= _BLOCK_DIAGONAL_COLUMNS:
-            # N x (H d) against a block-diagonal (H d) x (B T H): column (b, t, h) holds kh[b, t, h] in
-            # rows h d .. h d + d - 1, so the product is B x N x T x H logits in one call.
+            # A block-diagonal (B T H) x (H d) against (H d) x N: row (b, t, h) holds kh[b, t, h] in columns
+            # h d .. h d + d - 1, so the product is the B x (T H) x N logits in one call.
             # (A product with the identity rather than a copy into a diagonal view: ONNX export traces it.)
             bd = kh.permute(2, 3, 0, 1).unsqueeze(-1) * torch.eye(heads, dtype=kh.dtype, device=kh.device).view(
                 heads, 1, 1, 1, heads)
-            logits = torch.mm(cached_q.squeeze(0), bd.reshape(internal, b * t * heads))
-            logits = logits.view(n, b, t, heads).transpose(0, 1)
-            if b > 1:
-                logits = logits.contiguous()
+            logits = torch.mm(bd.reshape(internal, b * t * heads).t(), cached_q.squeeze(0).t()).view(b, t * heads, n)
         else:
-            # H x N x d against H x d x (B T): heads as the batch, no broadcast copies.
+            # H x (B T) x d against H x d x N: heads as the batch, no broadcast copies.
             qh = cached_q.squeeze(0).view(n, heads, d).transpose(0, 1)
-            logits = torch.bmm(qh, kh.permute(2, 3, 0, 1).reshape(heads, d, b * t))  # H x N x BT
-            logits = logits.view(heads, n, b, t).permute(2, 1, 3, 0).contiguous()  # B x N x T x H
+            logits = torch.bmm(kh.permute(2, 0, 1, 3).reshape(heads, b * t, d), qh.transpose(1, 2))  # H x BT x N
+            logits = logits.view(heads, b, t, n).permute(1, 2, 0, 3).reshape(b, t * heads, n)
         if mask is not None:
-            # Queries from image + hidden Wm^T + shift: logits gain hidden (Wq Wm)^T kh + (Wq shift) kh.
+            # Queries from image + hidden Wm^T + shift: logits gain (Wq Wm)^T kh hidden^T + (Wq shift) kh.
             m = mask.hidden.shape[-1]
             aq = (attn.q_proj.weight @ mask.wm).view(heads, d, m)
-            g = torch.einsum("hdm,bthd->bmth", aq, kh).reshape(b, m, t * heads)
+            g = torch.einsum("hdm,bthd->bthm", aq, kh).reshape(b, t * heads, m)
             cq = (mask.shift @ attn.q_proj.weight.t()).view(-1, 1, heads, d)
-            const = (cq * kh).sum(-1).reshape(b, 1, t * heads)
-            logits = (logits.view(b, n, t * heads) + torch.baddbmm(const, mask.hidden, g)).view(b, n, t, heads)
+            const = (cq * kh).sum(-1).reshape(b, t * heads, 1)
+            logits = torch.baddbmm(logits + const, g, mask.hidden.transpose(1, 2))
     else:
         wq = attn.q_proj.weight.view(heads, d, -1)  # H x d x C
         a = torch.einsum("bthd,hdc->bthc", kh, wq).reshape(b, t * heads, -1)  # B x TH x C
-        const = (kh * attn.q_proj.bias.view(1, 1, heads, d)).sum(-1).reshape(b, 1, t * heads)
-        logits = torch.baddbmm(const, keys_pe, a.transpose(1, 2)).view(b, -1, t, heads)  # B x N x T x H
-        n = logits.shape[1]
-    probs = logits.softmax(dim=2).view(b, n, t * heads)
+        const = (kh * attn.q_proj.bias.view(1, 1, heads, d)).sum(-1).reshape(b, t * heads, 1)
+        logits = torch.baddbmm(const, a, keys_pe.transpose(1, 2))  # B x TH x N
+        n = logits.shape[2]
+    # Laid out B x T x H x N, the softmax over T runs across contiguous slabs of H N (a softmax along a
+    # short strided or contiguous axis is several times slower); z is its N x (T H) transpose (a view).
+    probs = logits.view(b, t, heads, n).softmax(dim=1).view(b, t * heads, n).transpose(1, 2)
     if mask is not None:
         # The residual is image + hidden Wm^T + shift: hidden rides along as m more columns of probs.
         wm = mask.wm.t().unsqueeze(0).expand(b, -1, -1)
-        return torch.cat([probs, mask.hidden], dim=2), torch.cat([vo, wm], dim=1), mask.shift
+        z = torch.cat([probs.transpose(1, 2), mask.hidden.transpose(1, 2)], dim=1).transpose(1, 2)
+        return z, torch.cat([vo, wm], dim=1), mask.shift
     return probs, vo, None
 
 
@@ -225,20 +225,26 @@ class ImageCache:
 
 @dataclass
 class LowRankTerms:
-    """``keys = alpha * (K G) + Z U`` (see :class:`LowRankImage`): ``alpha`` ``B x N``, ``z`` ``B x N x r``,
-    ``u`` ``B x r x C``, ``gamma`` the diagonal ``G`` (``C``)."""
+    """``keys = alpha * (K G) + Z U`` (see :class:`LowRankImage`): ``alpha`` ``B x N``, ``zt`` = ``Z^T``
+    ``B x r x N`` (the layout the blocks' probabilities come in), ``u`` ``B x r x C``, ``gamma`` the
+    diagonal ``G`` (``C``)."""
 
     alpha: torch.Tensor
-    z: torch.Tensor
+    zt: torch.Tensor
     u: torch.Tensor
     gamma: torch.Tensor
+
+    @property
+    def z(self) -> torch.Tensor:
+        """``Z``, ``B x N x r`` (a view)."""
+        return self.zt.transpose(1, 2)
 
 
 @dataclass
 class _BlockUpdate:
     """One block's ``keys' = norm(keys + z u (+ shift))`` and its norm's row statistics."""
 
-    z: torch.Tensor  # B x N x r
+    z: torch.Tensor  # B x N x r (the transpose of a B x r x N tensor)
     u: torch.Tensor  # B x r x C (or 1 x r x C)
     shift: Optional[torch.Tensor]  # B x C, 1 x C or None
     mean: torch.Tensor  # B x N x 1
@@ -295,27 +301,29 @@ def _low_rank_step(image: Optional[LowRankTerms], step: _BlockUpdate) -> LowRank
     z, u, shift, mean, rstd, gamma, beta = step.z, step.u, step.shift, step.mean, step.rstd, step.gamma, step.beta
     b, n = mean.shape[:2]
     c = u.shape[-1]
-    cols, rows = [z.expand(b, -1, -1)], [u.expand(b, -1, -1)]
+    # Columns of Z as rows of Z^T (B x r x N): the row-wise products below run along N.
+    cols, rows = [z.transpose(1, 2).expand(b, -1, -1)], [u.expand(b, -1, -1)]
     if shift is not None:
-        cols.append(mean.new_ones(1, 1, 1).expand(b, n, 1))
+        cols.append(mean.new_ones(1, 1, 1).expand(b, 1, n))
         rows.append(shift.reshape(-1, 1, c).expand(b, 1, c))
     if image is not None:
-        cols.insert(0, image.z)
+        cols.insert(0, image.zt)
         rows.insert(0, image.u.expand(b, -1, -1))
-    cols.append(mean)
+    cols.append(mean.transpose(1, 2))
     rows.append(-gamma.new_ones(1, 1, c).expand(b, 1, c))
-    # Z' = [rstd * (Z, z, 1, mean), 1], written column block by column block into one buffer
-    r = sum(col.shape[2] for col in cols)
-    z_new = mean.new_empty(b, n, r + 1)
+    # Z'^T = [rstd * (Z, z, 1, mean), 1]^T, written row block by row block into one buffer
+    r = sum(col.shape[1] for col in cols)
+    zt_new = mean.new_empty(b, r + 1, n)
+    rstd_t = rstd.transpose(1, 2)
     start = 0
     for col in cols:
-        torch.mul(col, rstd, out=z_new[:, :, start : start + col.shape[2]])
-        start += col.shape[2]
-    z_new[:, :, r] = 1
+        torch.mul(col, rstd_t, out=zt_new[:, start : start + col.shape[1]])
+        start += col.shape[1]
+    zt_new[:, r] = 1
     u_new = torch.cat([torch.cat(rows, dim=1) * gamma, beta.view(1, 1, c).expand(b, 1, c)], dim=1)
     alpha = rstd.squeeze(-1) if image is None else image.alpha * rstd.squeeze(-1)
     g = gamma if image is None else image.gamma * gamma
-    return LowRankTerms(alpha, z_new, u_new, g)
+    return LowRankTerms(alpha, zt_new, u_new, g)
 
 
 class FastDecoder:
@@ -560,7 +568,7 @@ class FastDecoder:
                 x = torch.addmm(b1, image_tokens[sl].reshape(-1, c), w1)  # (n N) x (a b c4)
             else:  # alpha * (K G W1) + Z (U W1) + b1
                 x = torch.addcmul(b1, base, terms.alpha[sl].unsqueeze(-1))
-                x = x.baddbmm_(terms.z[sl], torch.matmul(terms.u[sl], w1))
+                x = x.baddbmm_(terms.zt[sl].transpose(1, 2), torch.matmul(terms.u[sl], w1))
             x = F.layer_norm(x.view(-1, c4), (c4,), ln.weight, ln.bias, ln.eps)
             x = act1(x)
             x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
