@@ -166,6 +166,28 @@ def test_fast_decoder_mask_prompt_through_the_cache(batch):
     assert (got_masks - none_masks).abs().max().item() > 100 * tol  # the mask prompt does change the answer
 
 
+def test_fast_decoder_follows_weight_updates():
+    """The re-laid-out upscaling and hypernetwork weights a FastDecoder keeps between calls are made
+    again when the decoder's parameters change in place (an optimiser step, load_state_dict)."""
+    torch.manual_seed(2)
+    dec = MaskDecoder(MaskDecoderConfig()).eval()
+    emb, pe, no_mask = torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8), torch.randn(1, 256)
+    sparse = torch.randn(2, 3, 256)
+    dense = no_mask.view(1, -1, 1, 1).expand(2, -1, 8, 8)
+    fast = FastDecoder(dec, pe, no_mask)
+    with torch.inference_mode():
+        before = fast(sparse, None, True, embedding=emb)[0]
+    with torch.no_grad():
+        for p in list(dec.output_upscaling.parameters()) + list(dec.output_hypernetworks_mlps.parameters()):
+            p.mul_(1.5).add_(0.1)
+    with torch.inference_mode():
+        got = fast(sparse, None, True, embedding=emb)[0]
+        want = dec(emb, pe, sparse, dense, True)[0]
+    tol = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= tol
+    assert (before - want).abs().max().item() > 100 * tol  # the update did change the answer
+
+
 def mask_tokens_of(fast, queries, tokens, keys):
     return fast.final(queries, tokens, keys, 1, 1 + fast.decoder.num_mask_tokens)
 

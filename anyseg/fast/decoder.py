@@ -203,6 +203,11 @@ def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Ten
     return probs, vo, None
 
 
+def _stamp(params: Sequence[torch.Tensor]) -> tuple:
+    """What changes when a parameter does: its object, its storage, or its in-place version."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in params)
+
+
 @dataclass
 class ImageCache:
     """Prompt-independent decoder work for one image embedding (see the module docstring).
@@ -220,7 +225,7 @@ class ImageCache:
     kh0: Optional[torch.Tensor]
     vh0: Optional[torch.Tensor]
     q0: Optional[torch.Tensor]
-    upscale_base: Optional[torch.Tensor] = None  # keys G W1 (see LowRankImage), formed on first use
+    upscale_base: Optional[tuple] = None  # (weights' stamp, keys G W1) (see LowRankImage), formed on first use
 
 
 @dataclass
@@ -349,6 +354,20 @@ class FastDecoder:
             raise ValueError(f"mask_projection must be a 1 x 1 Conv2d, got {mask_projection!r}")
         self.mask_projection = mask_projection
         self.cache: Optional[ImageCache] = None
+        self._derived_cache: dict = {}
+
+    def _derived(self, key, params: Sequence[torch.Tensor], make):
+        """Weights re-laid-out from the decoder's parameters (``make()``), kept until one of ``params``
+        changes (another tensor, storage or in-place version). Computed afresh under autograd or a trace,
+        so gradients and traced graphs see the parameters themselves."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return make()
+        stamp = _stamp(params)
+        hit = self._derived_cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, make())
+            self._derived_cache[key] = hit
+        return hit[1]
 
     # ------------------------------------------------------------------------------------ per image
     def set_image(self, embedding: torch.Tensor, project: bool = True) -> ImageCache:
@@ -522,9 +541,11 @@ class FastDecoder:
     def _upscale_base(self, gamma: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
         """``K G W1`` for :class:`LowRankImage` (``1 x N x 4 C/4``), once per image."""
         cache = self._require(None)
-        if cache.upscale_base is None:
-            cache.upscale_base = torch.matmul(cache.keys * gamma, w1)
-        return cache.upscale_base
+        params = [self.decoder.output_upscaling[0].weight] + [layer.norm4.weight for layer in self.decoder.transformer.layers]
+        stamp = _stamp(params)
+        if cache.upscale_base is None or cache.upscale_base[0] != stamp:
+            cache.upscale_base = (stamp, torch.matmul(cache.keys * gamma, w1))
+        return cache.upscale_base[1]
 
     def masks(self, mask_tokens: torch.Tensor, image_tokens: torch.Tensor, which: Sequence[int],
               low_rank: Optional[LowRankImage] = None) -> torch.Tensor:
@@ -537,9 +558,23 @@ class FastDecoder:
 
     def hyper(self, mask_tokens: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
         """The hypernetworks of the masks ``which`` on their tokens: ``B x len(which) x C`` (token ``j``
-        the one of mask ``which[j]``) -> ``B x len(which) x C/8``, for :meth:`upscale`."""
+        the one of mask ``which[j]``) -> ``B x len(which) x C/8``, for :meth:`upscale`. Several masks go
+        through their MLPs together, one batched product per layer on the MLPs' stacked weights."""
         mlps = self.decoder.output_hypernetworks_mlps
-        return torch.stack([mlps[i](mask_tokens[:, j, :]) for j, i in enumerate(which)], dim=1)
+        which = list(which)
+        if len(which) == 1 or torch.jit.is_tracing():
+            return torch.stack([mlps[i](mask_tokens[:, j, :]) for j, i in enumerate(which)], dim=1)
+        chosen = [mlps[i] for i in which]
+        layers = self._derived(("hyper", tuple(which)), [p for mlp in chosen for p in mlp.parameters()], lambda: [
+            (torch.stack([mlp.layers[j].weight.t() for mlp in chosen]),
+             torch.stack([mlp.layers[j].bias for mlp in chosen]).unsqueeze(1))
+            for j in range(len(chosen[0].layers))])
+        x = mask_tokens.transpose(0, 1)  # k x B x C
+        for j, (weight_t, bias) in enumerate(layers):
+            x = torch.baddbmm(bias, x, weight_t)
+            if j < len(layers) - 1:
+                x = torch.relu(x)
+        return x.transpose(0, 1)
 
     def upscale(self, hyper: torch.Tensor, image_tokens: torch.Tensor,
                  low_rank: Optional[LowRankImage]) -> torch.Tensor:
@@ -554,14 +589,15 @@ class FastDecoder:
         c = up1.in_channels
         c4, c8 = up1.out_channels, up2.out_channels
         # ConvTranspose2d weight: in x out x 2 x 2 -> in x (a, b, out).
-        w1 = up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4)
-        b1 = up1.bias.repeat(4)
-        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
-        b2 = up2.bias.repeat(4)
+        w1, b1, w2, b2 = self._derived("upscale", [up1.weight, up1.bias, up2.weight, up2.bias], lambda: (
+            up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4),
+            up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8), up2.bias.repeat(4)))
+
         terms = None if low_rank is None else low_rank.terms()
         base = None if terms is None else self._upscale_base(terms.gamma, w1)
 
         def upscale(sl: slice) -> torch.Tensor:
+            """Prompts ``sl`` -> ``n x h x w x 2 x 2 x 2 x 2 x k`` logits (rows 4i + 2a + a2, columns 4j + 2b + b2)."""
             hyp = hyper[sl]
             n = hyp.shape[0]
             if terms is None:
@@ -572,18 +608,16 @@ class FastDecoder:
             x = F.layer_norm(x.view(-1, c4), (c4,), ln.weight, ln.bias, ln.eps)
             x = act1(x)
             x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
-            x = x.view(n, h * w * 16, c8)
-            m = torch.bmm(x, hyp.transpose(1, 2))  # n x (i j a b a2 b2) x k
-            m = m.view(n, h, w, 2, 2, 2, 2, k)
-            # rows 4i + 2a + a2, columns 4j + 2b + b2
-            return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
+            m = torch.bmm(x.view(n, h * w * 16, c8), hyp.transpose(1, 2))  # n x (i j a b a2 b2) x k
+            return m.view(n, h, w, 2, 2, 2, 2, k)
 
         if b <= self.upscale_chunk:  # one piece (also the traceable form used by ONNX export)
-            return upscale(slice(None))
+            return upscale(slice(None)).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, k, 4 * h, 4 * w)
         out = hyper.new_empty((b, k, 4 * h, 4 * w))
         for start in range(0, b, self.upscale_chunk):
             sl = slice(start, start + self.upscale_chunk)
-            out[sl] = upscale(sl)
+            m = upscale(sl)
+            out[sl].view(m.shape[0], k, h, 2, 2, w, 2, 2).copy_(m.permute(0, 7, 1, 3, 5, 2, 4, 6))
         return out
 
     def __call__(self, sparse: torch.Tensor, dense: Optional[torch.Tensor], multimask_output: bool,
