@@ -37,7 +37,7 @@ dense prompts ``B x C x h x w`` (or None for "no mask"). Low-res logits come out
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -54,13 +54,25 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
+def _pe_logits(qh: torch.Tensor, pe_proj: torch.Tensor) -> torch.Tensor:
+    """Per-head queries ``qh`` (``B x H x T x d``) against the image's projected positional encoding
+    ``pe_proj`` (``1 x N x (H d)``): ``B x (H T) x N`` logits. One product with the heads as its batch:
+    ``B T H d`` multiply-adds per image token instead of ``B T H C`` against the unprojected encoding."""
+    b, heads, t, d = qh.shape
+    n = pe_proj.shape[1]
+    ph = pe_proj.squeeze(0).view(n, heads, d).permute(1, 2, 0)  # H x d x N
+    out = torch.bmm(qh.transpose(0, 1).reshape(heads, b * t, d), ph).view(heads, b, t, n)
+    return out.transpose(0, 1).reshape(b, heads * t, n)
+
+
 def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_pe: Optional[torch.Tensor] = None,
-                    pe: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    pe: Optional[torch.Tensor] = None, pe_proj: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of ``B x T x C`` token queries over the image: keys the image tokens plus the positional
     encoding, values the image tokens ``keys`` (``B x N x C``). The keys are given summed
-    (``keys_pe``, ``B x N x C``), or as ``keys`` and the shared ``1 x N x C`` ``pe``: then the
-    sum is never formed and its logits are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one product
-    for all prompts (cheaper than a pass over ``B x N x C`` when the queries are few).
+    (``keys_pe``, ``B x N x C``), or as ``keys`` and the shared ``1 x N x C`` ``pe`` or its key
+    projection ``pe_proj`` (``pe Wk^T``, ``1 x N x (H d)``): then the sum is never formed and its logits
+    are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one product for all prompts (per head against
+    ``pe_proj``); cheaper than a pass over ``B x N x C`` when the queries are few or the batch large.
 
     The image is never projected: the key projection is folded into the queries (``(q Wk_h) keys_pe^T``;
     the key bias is constant along the softmax axis and dropped) and the value projection applied after
@@ -75,8 +87,11 @@ def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_p
     wk = attn.k_proj.weight.view(heads, d, c)  # H x d x C
     qk = torch.matmul(qh, wk).reshape(b, heads * t, c)  # B x HT x C
     if keys_pe is None:
-        n = pe.shape[1]
-        pe_logits = torch.mm(qk.reshape(-1, c), pe[0].t()).view(b, heads * t, n)
+        n = keys.shape[1]
+        if pe_proj is not None:
+            pe_logits = _pe_logits(qh, pe_proj)
+        else:
+            pe_logits = torch.mm(qk.reshape(-1, c), pe[0].t()).view(b, heads * t, n)
         probs = torch.baddbmm(pe_logits, qk, keys.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
     else:
         probs = torch.bmm(qk, keys_pe.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
@@ -131,6 +146,12 @@ def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, v
 # Below this many token-head columns the cached image-to-token logits are one matrix product against a
 # block-diagonal token matrix (an efficient shape) rather than a per-head product with inner size d.
 _BLOCK_DIAGONAL_COLUMNS = 512
+
+# From this many prompts in a call on, the final attention reads the image tokens and the positional
+# encoding apart, the encoding's part of its logits one product per head against the encoding's
+# per-image key projection, instead of forming keys + pe for every prompt (a pass over a B x N x C
+# tensor, which at a batch's size no longer stays in the caches).
+_PE_PROJECTION_BATCH = 4
 
 # Prompts upscaled together on a CPU. The upscaling network's B x 4h x 4w x C/8 float32 temporaries
 # (8 MiB per prompt for SAM) then stay below the 128 MiB above which glibc maps each block afresh even
@@ -226,6 +247,7 @@ class ImageCache:
     vh0: Optional[torch.Tensor]
     q0: Optional[torch.Tensor]
     upscale_base: Optional[tuple] = None  # (weights' stamp, keys G W1) (see LowRankImage), formed on first use
+    pe_proj: dict = field(default_factory=dict)  # attention -> (weights' stamp, pe W^T), formed on first use
 
 
 @dataclass
@@ -402,6 +424,23 @@ class FastDecoder:
             raise ValueError("FastDecoder.set_image(embedding) must be called before decoding")
         return self.cache
 
+    def _project_pe(self, batch: int) -> bool:
+        """Whether ``batch`` prompts read the positional encoding through its per-image projections (see
+        ``_PE_PROJECTION_BATCH``); never in a trace, whose graph keeps the form of a single call."""
+        return batch >= _PE_PROJECTION_BATCH and not torch.jit.is_tracing()
+
+    def _pe_projection(self, attn: Attention, which: str) -> torch.Tensor:
+        """``pe W^T`` (``1 x N x (H d)``, no bias) for ``attn``'s key (``"k"``) or query (``"q"``)
+        projection, once per image (made again if the weight changes)."""
+        cache = self._require(None)
+        proj = attn.k_proj if which == "k" else attn.q_proj
+        stamp = _stamp([proj.weight])
+        hit = cache.pe_proj.get((id(attn), which))
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, torch.matmul(cache.pe, proj.weight.t()))
+            cache.pe_proj[(id(attn), which)] = hit
+        return hit[1]
+
     def _mask_term(self, cache: ImageCache, mask_hidden: torch.Tensor,
                    mask_present: Optional[torch.Tensor]) -> MaskTerm:
         """The mask prompt ``mask_hidden`` (``B x m x h x w``, before the 1 x 1 layer ``dense = Wm h + bm``)
@@ -495,9 +534,12 @@ class FastDecoder:
         tf = self.decoder.transformer
         queries, tok = queries[:, first:stop], tokens[:, first:stop]
         attn, q = tf.final_attn_token_to_image, queries + tok
-        if stop - first == 1:
-            # One query (the IoU token, segment-everything's filter): the positional term of its logits as
-            # one product against the shared encoding, instead of a pass forming keys + pe per prompt.
+        if self._project_pe(queries.shape[0]) or (stop - first == 1 and not torch.jit.is_tracing()):
+            # Large batches, or one query (the IoU token, segment-everything's filter): the positional term
+            # of the logits per head against the encoding's per-image key projection, instead of a pass
+            # forming keys + pe per prompt.
+            out = _token_to_image(attn, q, keys, pe_proj=self._pe_projection(attn, "k"))
+        elif stop - first == 1:
             out = _token_to_image(attn, q, keys, pe=self.cache.pe)
         else:
             out = _token_to_image(attn, q, keys, keys_pe=keys + self.cache.pe)
