@@ -18,6 +18,12 @@ arithmetic, so in float32 its outputs match the faithful decoder to rounding (ab
   a rank-``m`` change and a constant. Its effect on the cached projections is folded into the few
   tokens (``(q Wk Wm) h^T`` and the like): products with ``m`` columns per prompt instead of projecting
   ``N x C`` keys (pass ``mask_hidden``, the features before that convolution).
+* **Softmax over the few tokens across slabs.** Image-to-token attention normalises over the ``T``
+  tokens for each image token and head; its logits are laid out ``T x H x N`` so that this softmax runs
+  across contiguous slabs rather than along a short strided axis.
+* **Positional term per head.** For the final attention of larger batches (and of the IoU token
+  alone) the encoding's part of the logits is one product per head against the encoding's per-image
+  key projection, instead of forming ``keys + pe`` for every prompt.
 * **Only the needed tokens** go through the final attention (the IoU token and the mask tokens asked
   for), and :meth:`FastDecoder.final` runs it for any range of them (each token attends on its own):
   segment everything runs it for the IoU token first and for the mask tokens of surviving prompts only.
