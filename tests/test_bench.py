@@ -38,3 +38,33 @@ def test_a_failing_task_is_reported_and_the_others_still_run():
     assert "**amg failed**" in result["markdown"]
     assert any("FAILED" in line for line in logs)
 
+
+
+def test_decoder_ab_loads_a_revision_beside_the_working_tree():
+    """benchmarks/bench_decoder_ab.py loads anyseg/fast/decoder.py as committed at a revision as its own
+    module; for HEAD it decodes like the installed one."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    from anyseg.config import MaskDecoderConfig
+    from anyseg.fast.decoder import FastDecoder
+    from anyseg.modeling.mask_decoder import MaskDecoder
+
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode != 0:
+        pytest.skip("needs the repository's git history (not a git checkout)")
+    spec = importlib.util.spec_from_file_location("bench_decoder_ab", root / "benchmarks" / "bench_decoder_ab.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = bench.load_decoder_at("HEAD")
+    assert base.FastDecoder is not FastDecoder and base.__package__ == "anyseg.fast"
+    torch.manual_seed(3)
+    dec = MaskDecoder(MaskDecoderConfig()).eval()
+    emb, pe, no_mask, sparse = torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8), torch.randn(1, 256), torch.randn(2, 2, 256)
+    with torch.inference_mode():
+        want = FastDecoder(dec, pe, no_mask)(sparse, None, True, embedding=emb)
+        got = base.FastDecoder(dec, pe, no_mask)(sparse, None, True, embedding=emb)
+    assert torch.allclose(got[0], want[0], atol=1e-4) and torch.allclose(got[1], want[1], atol=1e-5)
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.load_decoder_at("no-such-revision")
