@@ -21,9 +21,9 @@ arithmetic, so in float32 its outputs match the faithful decoder to rounding (ab
 * **Softmax over the few tokens across slabs.** Image-to-token attention normalises over the ``T``
   tokens for each image token and head; its logits are laid out ``T x H x N`` so that this softmax runs
   across contiguous slabs rather than along a short strided axis.
-* **Positional term per head.** For the final attention of larger batches (and of the IoU token
-  alone) the encoding's part of the logits is one product per head against the encoding's per-image
-  key projection, instead of forming ``keys + pe`` for every prompt.
+* **Positional term per head.** In the final attention the encoding's part of the logits is one
+  product per head against the encoding's per-image key projection, instead of forming ``keys + pe``
+  for every prompt.
 * **Only the needed tokens** go through the final attention (the IoU token and the mask tokens asked
   for), and :meth:`FastDecoder.final` runs it for any range of them (each token attends on its own):
   segment everything runs it for the IoU token first and for the mask tokens of surviving prompts only.
@@ -152,12 +152,6 @@ def _token_to_image_cached(attn: Attention, q: torch.Tensor, kh: torch.Tensor, v
 # Below this many token-head columns the cached image-to-token logits are one matrix product against a
 # block-diagonal token matrix (an efficient shape) rather than a per-head product with inner size d.
 _BLOCK_DIAGONAL_COLUMNS = 512
-
-# From this many prompts in a call on, the final attention reads the image tokens and the positional
-# encoding apart, the encoding's part of its logits one product per head against the encoding's
-# per-image key projection, instead of forming keys + pe for every prompt (a pass over a B x N x C
-# tensor, which at a batch's size no longer stays in the caches).
-_PE_PROJECTION_BATCH = 4
 
 # Prompts upscaled together on a CPU. The upscaling network's B x 4h x 4w x C/8 float32 temporaries
 # (8 MiB per prompt for SAM) then stay below the 128 MiB above which glibc maps each block afresh even
@@ -430,11 +424,6 @@ class FastDecoder:
             raise ValueError("FastDecoder.set_image(embedding) must be called before decoding")
         return self.cache
 
-    def _project_pe(self, batch: int) -> bool:
-        """Whether ``batch`` prompts read the positional encoding through its per-image projections (see
-        ``_PE_PROJECTION_BATCH``); never in a trace, whose graph keeps the form of a single call."""
-        return batch >= _PE_PROJECTION_BATCH and not torch.jit.is_tracing()
-
     def _pe_projection(self, attn: Attention, which: str) -> torch.Tensor:
         """``pe W^T`` (``1 x N x (H d)``, no bias) for ``attn``'s key (``"k"``) or query (``"q"``)
         projection, once per image (made again if the weight changes)."""
@@ -540,10 +529,10 @@ class FastDecoder:
         tf = self.decoder.transformer
         queries, tok = queries[:, first:stop], tokens[:, first:stop]
         attn, q = tf.final_attn_token_to_image, queries + tok
-        if self._project_pe(queries.shape[0]) or (stop - first == 1 and not torch.jit.is_tracing()):
-            # Large batches, or one query (the IoU token, segment-everything's filter): the positional term
-            # of the logits per head against the encoding's per-image key projection, instead of a pass
-            # forming keys + pe per prompt.
+        if not torch.jit.is_tracing():
+            # The positional term of the logits per head against the encoding's per-image key projection,
+            # instead of a pass forming keys + pe per prompt. (A trace, the single-call graph of ONNX
+            # export, keeps the forms below: no per-image state.)
             out = _token_to_image(attn, q, keys, pe_proj=self._pe_projection(attn, "k"))
         elif stop - first == 1:
             out = _token_to_image(attn, q, keys, pe=self.cache.pe)
