@@ -188,6 +188,28 @@ def test_fast_decoder_follows_weight_updates():
     assert (before - want).abs().max().item() > 100 * tol  # the update did change the answer
 
 
+def test_reduced_precision_decoder_through_the_fast_decoder():
+    """``decoder_dtype`` (autocast) with the fast decoder on a CPU: a click runs (the in-place updates of
+    the float32 path must not meet autocast's bfloat16 products) and stays near the float32 answer,
+    and segment-everything runs too."""
+    model = anyseg.load_model("nano")
+    image = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)
+    point, label = np.array([[80.0, 60.0]]), np.array([1])
+    out = {}
+    for name, config in (("float32", SpeedConfig.lossless()), ("bf16", SpeedConfig.lossless(decoder_dtype="bf16"))):
+        apply(model, config)
+        predictor = anyseg.SamPredictor(model)
+        predictor.set_image(image)
+        out[name] = predictor.predict(point, label)
+    assert anyseg.MaskGenerator(model, points_per_side=4).generate(image) is not None
+    apply(model, SpeedConfig.faithful())
+    (masks, scores, low), (masks16, scores16, low16) = out["float32"], out["bf16"]
+    assert scores16.dtype == np.float32 and low16.dtype == np.float32
+    assert np.abs(low16 - low).max() <= 0.05 * np.abs(low).max()  # bfloat16 rounding, not a wrong answer
+    assert np.abs(scores16 - scores).max() <= 0.02
+    assert min(mask_iou(a, b) for a, b in zip(masks, masks16)) >= 0.95
+
+
 def mask_tokens_of(fast, queries, tokens, keys):
     return fast.final(queries, tokens, keys, 1, 1 + fast.decoder.num_mask_tokens)
 

@@ -247,7 +247,7 @@ class ImageCache:
     vh0: Optional[torch.Tensor]
     q0: Optional[torch.Tensor]
     upscale_base: Optional[tuple] = None  # (weights' stamp, keys G W1) (see LowRankImage), formed on first use
-    pe_proj: dict = field(default_factory=dict)  # attention -> (weights' stamp, pe W^T), formed on first use
+    pe_proj: dict = field(default_factory=dict)  # attention -> (weight's stamp, pe Wk^T), formed on first use
 
 
 @dataclass
@@ -424,16 +424,18 @@ class FastDecoder:
             raise ValueError("FastDecoder.set_image(embedding) must be called before decoding")
         return self.cache
 
-    def _pe_projection(self, attn: Attention, which: str) -> torch.Tensor:
-        """``pe W^T`` (``1 x N x (H d)``, no bias) for ``attn``'s key (``"k"``) or query (``"q"``)
-        projection, once per image (made again if the weight changes)."""
+    def _pe_projection(self, attn: Attention) -> torch.Tensor:
+        """``pe Wk^T`` (``1 x N x (H d)``, no bias) for ``attn``'s key projection, once per image (made
+        again if the weight changes), in the encoding's dtype whatever autocast is on: calls with and
+        without autocast can share it (autocast casts it where it applies)."""
         cache = self._require(None)
-        proj = attn.k_proj if which == "k" else attn.q_proj
-        stamp = _stamp([proj.weight])
-        hit = cache.pe_proj.get((id(attn), which))
+        weight = attn.k_proj.weight
+        stamp = _stamp([weight])
+        hit = cache.pe_proj.get(id(attn))
         if hit is None or hit[0] != stamp:
-            hit = (stamp, torch.matmul(cache.pe, proj.weight.t()))
-            cache.pe_proj[(id(attn), which)] = hit
+            with torch.autocast(cache.pe.device.type, enabled=False):
+                hit = (stamp, torch.matmul(cache.pe, weight.t().to(cache.pe.dtype)))
+            cache.pe_proj[id(attn)] = hit
         return hit[1]
 
     def _mask_term(self, cache: ImageCache, mask_hidden: torch.Tensor,
@@ -506,8 +508,10 @@ class FastDecoder:
                 summed = torch.baddbmm(residual, z, u)
             else:
                 z, u, shift = _image_to_token_terms(attn, q, queries, keys_pe=keys_pe)
-                # keys (made in this call, read by nothing after this block) takes the update in place
-                own = not (torch.is_grad_enabled() and keys.requires_grad)
+                # keys (made in this call, read by nothing after this block) takes the update in place,
+                # unless autocast would compute it in another dtype than the keys'
+                own = not (torch.is_grad_enabled() and keys.requires_grad) and not torch.is_autocast_enabled(
+                    keys.device.type)
                 summed = keys.baddbmm_(z, u) if own else torch.baddbmm(keys, z, u)
             keys_pe = None
             norm = layer.norm4
@@ -533,7 +537,7 @@ class FastDecoder:
             # The positional term of the logits per head against the encoding's per-image key projection,
             # instead of a pass forming keys + pe per prompt. (A trace, the single-call graph of ONNX
             # export, keeps the forms below: no per-image state.)
-            out = _token_to_image(attn, q, keys, pe_proj=self._pe_projection(attn, "k"))
+            out = _token_to_image(attn, q, keys, pe_proj=self._pe_projection(attn))
         elif stop - first == 1:
             out = _token_to_image(attn, q, keys, pe=self.cache.pe)
         else:
