@@ -106,7 +106,11 @@ def main(argv=None) -> int:
             sparse = torch.randn(batch, 2, 256)
             want, got = (sides[s](sparse, None, True) for s in ("base", "tree"))
             diff = max((got[0] - want[0]).abs().max().item(), (got[1] - want[1]).abs().max().item())
-            fns = {s: part_functions(fd, sparse) for s, fd in sides.items()}
+            try:
+                fns = {s: part_functions(fd, sparse) for s, fd in sides.items()}
+            except TypeError as exc:  # a revision from before FastDecoder.transformer(..., low_rank=...)
+                print(f"the decoder at {args.base!r} lacks an interface this script times: {exc}", file=sys.stderr)
+                return 2
             for part in args.parts:
                 if part not in fns["base"] or part not in fns["tree"]:
                     print(f"skipping {part} at B={batch}: not in both versions", file=sys.stderr)
