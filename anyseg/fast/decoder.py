@@ -72,13 +72,13 @@ def _pe_logits(qh: torch.Tensor, pe_proj: torch.Tensor) -> torch.Tensor:
 
 
 def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_pe: Optional[torch.Tensor] = None,
-                    pe: Optional[torch.Tensor] = None, pe_proj: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    pe_proj: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of ``B x T x C`` token queries over the image: keys the image tokens plus the positional
     encoding, values the image tokens ``keys`` (``B x N x C``). The keys are given summed
-    (``keys_pe``, ``B x N x C``), or as ``keys`` and the shared ``1 x N x C`` ``pe`` or its key
-    projection ``pe_proj`` (``pe Wk^T``, ``1 x N x (H d)``): then the sum is never formed and its logits
-    are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one product for all prompts (per head against
-    ``pe_proj``); cheaper than a pass over ``B x N x C`` when the queries are few or the batch large.
+    (``keys_pe``, ``B x N x C``), or as ``keys`` and the encoding's key projection ``pe_proj``
+    (``pe Wk^T``, ``1 x N x (H d)``, shared by all prompts): then the sum is never formed and its logits
+    are ``(q Wk) keys^T + (q Wk) pe^T``, the second term one product per head against ``pe_proj``
+    (cheaper than a pass over ``B x N x C``).
 
     The image is never projected: the key projection is folded into the queries (``(q Wk_h) keys_pe^T``;
     the key bias is constant along the softmax axis and dropped) and the value projection applied after
@@ -93,12 +93,7 @@ def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_p
     wk = attn.k_proj.weight.view(heads, d, c)  # H x d x C
     qk = torch.matmul(qh, wk).reshape(b, heads * t, c)  # B x HT x C
     if keys_pe is None:
-        n = keys.shape[1]
-        if pe_proj is not None:
-            pe_logits = _pe_logits(qh, pe_proj)
-        else:
-            pe_logits = torch.mm(qk.reshape(-1, c), pe[0].t()).view(b, heads * t, n)
-        probs = torch.baddbmm(pe_logits, qk, keys.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
+        probs = torch.baddbmm(_pe_logits(qh, pe_proj), qk, keys.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
     else:
         probs = torch.bmm(qk, keys_pe.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
     pooled = torch.bmm(probs, keys).view(b, heads, t, c)  # B x H x T x C
@@ -224,9 +219,18 @@ def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Ten
     return probs, vo, None
 
 
-def _stamp(params: Sequence[torch.Tensor]) -> tuple:
-    """What changes when a parameter does: its object, its storage, or its in-place version."""
-    return tuple((id(p), p.data_ptr(), p._version) for p in params)
+def _kept(store: dict, key, params: Sequence[torch.Tensor], make):
+    """``make()``, a tensor derived from ``params``, kept in ``store`` under ``key`` until one of them
+    changes (another object, storage or in-place version). Computed afresh under autograd or a trace,
+    so gradients and traced graphs see the parameters themselves."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing():
+        return make()
+    stamp = tuple((id(p), p.data_ptr(), p._version) for p in params)
+    hit = store.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, make())
+        store[key] = hit
+    return hit[1]
 
 
 @dataclass
@@ -246,8 +250,7 @@ class ImageCache:
     kh0: Optional[torch.Tensor]
     vh0: Optional[torch.Tensor]
     q0: Optional[torch.Tensor]
-    upscale_base: Optional[tuple] = None  # (weights' stamp, keys G W1) (see LowRankImage), formed on first use
-    pe_proj: dict = field(default_factory=dict)  # attention -> (weight's stamp, pe Wk^T), formed on first use
+    kept: dict = field(default_factory=dict)  # per-image tensors formed on first use (see _kept): K G W1, pe Wk^T
 
 
 @dataclass
@@ -376,20 +379,7 @@ class FastDecoder:
             raise ValueError(f"mask_projection must be a 1 x 1 Conv2d, got {mask_projection!r}")
         self.mask_projection = mask_projection
         self.cache: Optional[ImageCache] = None
-        self._derived_cache: dict = {}
-
-    def _derived(self, key, params: Sequence[torch.Tensor], make):
-        """Weights re-laid-out from the decoder's parameters (``make()``), kept until one of ``params``
-        changes (another tensor, storage or in-place version). Computed afresh under autograd or a trace,
-        so gradients and traced graphs see the parameters themselves."""
-        if torch.is_grad_enabled() or torch.jit.is_tracing():
-            return make()
-        stamp = _stamp(params)
-        hit = self._derived_cache.get(key)
-        if hit is None or hit[0] != stamp:
-            hit = (stamp, make())
-            self._derived_cache[key] = hit
-        return hit[1]
+        self._weights: dict = {}  # weights re-laid-out from the decoder's parameters (see _kept)
 
     # ------------------------------------------------------------------------------------ per image
     def set_image(self, embedding: torch.Tensor, project: bool = True) -> ImageCache:
@@ -430,13 +420,12 @@ class FastDecoder:
         without autocast can share it (autocast casts it where it applies)."""
         cache = self._require(None)
         weight = attn.k_proj.weight
-        stamp = _stamp([weight])
-        hit = cache.pe_proj.get(id(attn))
-        if hit is None or hit[0] != stamp:
+
+        def make() -> torch.Tensor:
             with torch.autocast(cache.pe.device.type, enabled=False):
-                hit = (stamp, torch.matmul(cache.pe, weight.t().to(cache.pe.dtype)))
-            cache.pe_proj[id(attn)] = hit
-        return hit[1]
+                return torch.matmul(cache.pe, weight.t().to(cache.pe.dtype))
+
+        return _kept(cache.kept, ("pe_k", id(attn)), [weight], make)
 
     def _mask_term(self, cache: ImageCache, mask_hidden: torch.Tensor,
                    mask_present: Optional[torch.Tensor]) -> MaskTerm:
@@ -536,10 +525,8 @@ class FastDecoder:
         if not torch.jit.is_tracing():
             # The positional term of the logits per head against the encoding's per-image key projection,
             # instead of a pass forming keys + pe per prompt. (A trace, the single-call graph of ONNX
-            # export, keeps the forms below: no per-image state.)
+            # export, keeps keys + pe: no per-image state.)
             out = _token_to_image(attn, q, keys, pe_proj=self._pe_projection(attn))
-        elif stop - first == 1:
-            out = _token_to_image(attn, q, keys, pe=self.cache.pe)
         else:
             out = _token_to_image(attn, q, keys, keys_pe=keys + self.cache.pe)
         return tf.norm_final_attn(queries + out)
@@ -583,10 +570,7 @@ class FastDecoder:
         """``K G W1`` for :class:`LowRankImage` (``1 x N x 4 C/4``), once per image."""
         cache = self._require(None)
         params = [self.decoder.output_upscaling[0].weight] + [layer.norm4.weight for layer in self.decoder.transformer.layers]
-        stamp = _stamp(params)
-        if cache.upscale_base is None or cache.upscale_base[0] != stamp:
-            cache.upscale_base = (stamp, torch.matmul(cache.keys * gamma, w1))
-        return cache.upscale_base[1]
+        return _kept(cache.kept, "upscale_base", params, lambda: torch.matmul(cache.keys * gamma, w1))
 
     def masks(self, mask_tokens: torch.Tensor, image_tokens: torch.Tensor, which: Sequence[int],
               low_rank: Optional[LowRankImage] = None) -> torch.Tensor:
@@ -606,7 +590,7 @@ class FastDecoder:
         if len(which) == 1 or torch.jit.is_tracing():
             return torch.stack([mlps[i](mask_tokens[:, j, :]) for j, i in enumerate(which)], dim=1)
         chosen = [mlps[i] for i in which]
-        layers = self._derived(("hyper", tuple(which)), [p for mlp in chosen for p in mlp.parameters()], lambda: [
+        layers = _kept(self._weights, ("hyper", tuple(which)), [p for mlp in chosen for p in mlp.parameters()], lambda: [
             (torch.stack([mlp.layers[j].weight.t() for mlp in chosen]),
              torch.stack([mlp.layers[j].bias for mlp in chosen]).unsqueeze(1))
             for j in range(len(chosen[0].layers))])
@@ -630,7 +614,7 @@ class FastDecoder:
         c = up1.in_channels
         c4, c8 = up1.out_channels, up2.out_channels
         # ConvTranspose2d weight: in x out x 2 x 2 -> in x (a, b, out).
-        w1, b1, w2, b2 = self._derived("upscale", [up1.weight, up1.bias, up2.weight, up2.bias], lambda: (
+        w1, b1, w2, b2 = _kept(self._weights, "upscale", [up1.weight, up1.bias, up2.weight, up2.bias], lambda: (
             up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4),
             up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8), up2.bias.repeat(4)))
 
