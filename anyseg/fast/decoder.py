@@ -34,7 +34,12 @@ arithmetic, so in float32 its outputs match the faithful decoder to rounding (ab
   terms do (about 116 instead of 256 columns for SAM).
 * **Transposed convolutions as matrix products** on channels-last pixels (kernel = stride = 2 means
   each input pixel maps to its own 2 x 2 output block), with the pixel shuffle applied once, to the
-  few output masks at the end, and only for the masks asked for.
+  few output masks at the end, and only for the masks asked for. The hypernetworks' product puts the
+  masks first (``k x C/8`` against the pixels, not the pixels against ``C/8 x k``), and the shuffle
+  moves horizontally adjacent pairs of pixels as one wider element.
+* **oneDNN products on a CPU** (:mod:`anyseg.fast.onednn`): the token MLPs with packed weights, the
+  upscaling's second layer with its GELU fused, and a single prompt's products against the image
+  tokens (summed in another order; rounding-level differences).
 * **IoU first.** :meth:`FastDecoder.tokens` returns the predicted IoU before any upscaling, so
   segment-everything can drop prompts whose masks all fail the IoU filter without upscaling them.
 
@@ -52,6 +57,7 @@ from torch import nn
 
 from ..modeling.mask_decoder import MaskDecoder
 from ..modeling.transformer import Attention, TwoWayAttentionBlock
+from . import onednn
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -93,10 +99,10 @@ def _token_to_image(attn: Attention, q: torch.Tensor, keys: torch.Tensor, keys_p
     wk = attn.k_proj.weight.view(heads, d, c)  # H x d x C
     qk = torch.matmul(qh, wk).reshape(b, heads * t, c)  # B x HT x C
     if keys_pe is None:
-        probs = torch.baddbmm(_pe_logits(qh, pe_proj), qk, keys.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
+        probs = onednn.bmm_nt(qk, keys, _pe_logits(qh, pe_proj)).softmax(dim=-1)  # B x HT x N
     else:
-        probs = torch.bmm(qk, keys_pe.transpose(1, 2)).softmax(dim=-1)  # B x HT x N
-    pooled = torch.bmm(probs, keys).view(b, heads, t, c)  # B x H x T x C
+        probs = onednn.bmm_nt(qk, keys_pe).softmax(dim=-1)  # B x HT x N
+    pooled = onednn.bmm_nt(probs, keys.transpose(1, 2)).view(b, heads, t, c)  # B x H x T x C
     wv = attn.v_proj.weight.view(heads, d, c)  # H x d x C
     out = torch.matmul(pooled, wv.transpose(1, 2)) + attn.v_proj.bias.view(1, heads, 1, d)  # B x H x T x d
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, internal))
@@ -206,7 +212,7 @@ def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Ten
         wq = attn.q_proj.weight.view(heads, d, -1)  # H x d x C
         a = torch.einsum("bthd,hdc->bthc", kh, wq).reshape(b, t * heads, -1)  # B x TH x C
         const = (kh * attn.q_proj.bias.view(1, 1, heads, d)).sum(-1).reshape(b, t * heads, 1)
-        logits = torch.baddbmm(const, a, keys_pe.transpose(1, 2))  # B x TH x N
+        logits = onednn.bmm_nt(a, keys_pe, const)  # B x TH x N
         n = logits.shape[2]
     # Laid out B x T x H x N, the softmax over T runs across contiguous slabs of H N (a softmax along a
     # short strided or contiguous axis is several times slower); z is its N x (T H) transpose (a view).
@@ -217,6 +223,32 @@ def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Ten
         z = torch.cat([probs.transpose(1, 2), mask.hidden.transpose(1, 2)], dim=1).transpose(1, 2)
         return z, torch.cat([vo, wm], dim=1), mask.shift
     return probs, vo, None
+
+
+# An integer type twice as wide as each float dtype, to move pairs of elements as one.
+_PAIRS = {2: torch.int32, 4: torch.int64}
+
+
+def _pixel_shuffle(m: torch.Tensor, h: int, w: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Upscaled logits ``n x k x (i j a b a2 b2)`` (two stride-2 transposed convolutions, each output
+    pixel's 2 x 2 block kept together) -> ``n x k x 4h x 4w`` images, row ``4i + 2a + a2``, column
+    ``4j + 2b + b2``, written into ``out`` when given. The two columns ``b2`` of a block are adjacent in
+    both layouts, so outside a trace each pair moves as one element of twice the width: a copy along a
+    2-element innermost axis runs about ten times slower than along a 1-element one (bit-exact either
+    way)."""
+    n, k = m.shape[:2]
+    pair = _PAIRS.get(m.element_size())
+    if pair is None or torch.jit.is_tracing() or not m.is_contiguous():
+        shuffled = m.view(n, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)  # n k i a a2 j b b2
+        if out is None:
+            return shuffled.reshape(n, k, 4 * h, 4 * w)
+        out.view(n, k, h, 2, 2, w, 2, 2).copy_(shuffled)
+        return out
+    shuffled = m.view(pair).view(n, k, h, w, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5)  # n k i a a2 j b (b2 pairs)
+    if out is None:
+        return shuffled.reshape(n, k, 4 * h, 2 * w).view(m.dtype)
+    out.view(pair).view(n, k, h, 2, 2, w, 2).copy_(shuffled)
+    return out
 
 
 def _kept(store: dict, key, params: Sequence[torch.Tensor], make):
@@ -414,6 +446,19 @@ class FastDecoder:
             raise ValueError("FastDecoder.set_image(embedding) must be called before decoding")
         return self.cache
 
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The two-way blocks' token MLP (``lin1 -> act -> lin2``), through oneDNN with its weights kept
+        packed and the activation fused where :mod:`anyseg.fast.onednn` can serve; else the module."""
+        act = mlp.act
+        name = "relu" if isinstance(act, nn.ReLU) else "gelu" if isinstance(act, nn.GELU) and act.approximate == "none" else None
+        lin1, lin2 = mlp.lin1, mlp.lin2
+        if name is None or not onednn.usable(x, lin1.weight, lin1.bias, lin2.weight, lin2.bias):
+            return mlp(x)
+        p1, p2 = _kept(self._weights, ("mlp", id(mlp)), [lin1.weight, lin2.weight],
+                       lambda: (onednn.pack(lin1.weight, x.shape[-2]), onednn.pack(lin2.weight, x.shape[-2])))
+        hidden = onednn.linear(x, lin1.weight, lin1.bias, name, packed=p1)
+        return onednn.linear(hidden, lin2.weight, lin2.bias, packed=p2)
+
     def _pe_projection(self, attn: Attention) -> torch.Tensor:
         """``pe Wk^T`` (``1 x N x (H d)``, no bias) for ``attn``'s key projection, once per image (made
         again if the weight changes), in the encoding's dtype whatever autocast is on: calls with and
@@ -488,7 +533,7 @@ class FastDecoder:
                 keys_pe = keys + pe  # both attentions of the block read it
                 attn_out = _token_to_image(layer.cross_attn_token_to_image, q, keys, keys_pe=keys_pe)
             queries = layer.norm2(queries + attn_out)
-            queries = layer.norm3(queries + layer.mlp(queries))
+            queries = layer.norm3(queries + self._mlp(layer.mlp, queries))
             q = queries + tokens
             attn = layer.cross_attn_image_to_token
             if shared:
@@ -617,12 +662,18 @@ class FastDecoder:
         w1, b1, w2, b2 = _kept(self._weights, "upscale", [up1.weight, up1.bias, up2.weight, up2.bias], lambda: (
             up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4),
             up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8), up2.bias.repeat(4)))
+        # The second layer through oneDNN with its exact GELU fused in (same values as PyTorch's GELU).
+        fused = (isinstance(act2, nn.GELU) and act2.approximate == "none"
+                 and onednn.usable(hyper, image_tokens, up2.weight, up2.bias))
+        if fused:
+            w2_packed = _kept(self._weights, "upscale_packed", [up2.weight],
+                              lambda: onednn.pack(w2.t(), h * w * 4))
 
         terms = None if low_rank is None else low_rank.terms()
         base = None if terms is None else self._upscale_base(terms.gamma, w1)
 
         def upscale(sl: slice) -> torch.Tensor:
-            """Prompts ``sl`` -> ``n x h x w x 2 x 2 x 2 x 2 x k`` logits (rows 4i + 2a + a2, columns 4j + 2b + b2)."""
+            """Prompts ``sl`` -> ``n x k x (i j a b a2 b2)`` logits (rows 4i + 2a + a2, columns 4j + 2b + b2)."""
             hyp = hyper[sl]
             n = hyp.shape[0]
             if terms is None:
@@ -632,17 +683,22 @@ class FastDecoder:
                 x = x.baddbmm_(terms.zt[sl].transpose(1, 2), torch.matmul(terms.u[sl], w1))
             x = F.layer_norm(x.view(-1, c4), (c4,), ln.weight, ln.bias, ln.eps)
             x = act1(x)
-            x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
-            m = torch.bmm(x.view(n, h * w * 16, c8), hyp.transpose(1, 2))  # n x (i j a b a2 b2) x k
-            return m.view(n, h, w, 2, 2, 2, 2, k)
+            if fused:
+                x = onednn.linear(x, w2.t(), b2, "gelu", packed=w2_packed)
+            else:
+                x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
+            x = x.view(n, h * w * 16, c8)
+            if n == 1 and fused:  # the pixels as oneDNN's weight: N x K, no transpose
+                return onednn.linear(hyp[0], x[0]).unsqueeze(0)
+            # Masks first: a product with k output columns runs several times slower than one with k rows.
+            return torch.bmm(hyp, x.transpose(1, 2))  # n x k x (i j a b a2 b2)
 
         if b <= self.upscale_chunk:  # one piece (also the traceable form used by ONNX export)
-            return upscale(slice(None)).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, k, 4 * h, 4 * w)
+            return _pixel_shuffle(upscale(slice(None)), h, w)
         out = hyper.new_empty((b, k, 4 * h, 4 * w))
         for start in range(0, b, self.upscale_chunk):
             sl = slice(start, start + self.upscale_chunk)
-            m = upscale(sl)
-            out[sl].view(m.shape[0], k, h, 2, 2, w, 2, 2).copy_(m.permute(0, 7, 1, 3, 5, 2, 4, 6))
+            _pixel_shuffle(upscale(sl), h, w, out=out[sl])
         return out
 
     def __call__(self, sparse: torch.Tensor, dense: Optional[torch.Tensor], multimask_output: bool,
