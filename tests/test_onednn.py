@@ -104,3 +104,63 @@ def test_fast_decoder_with_and_without_onednn_matches_mask_decoder(enabled, batc
         want_masks, want_iou = dec(emb, pe, sparse, dense, True)
         got_masks, got_iou = FastDecoder(dec, pe, no_mask)(sparse, None, True, embedding=emb)
     assert _close(got_masks, want_masks, 1e-4) and (got_iou - want_iou).abs().max().item() <= 1e-4
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_packed_linear_matches_linear_and_follows_weight_updates(activation):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48)
+    packed = onednn.PackedLinear(lin, activation)
+    x = torch.randn(5, 32)
+    act = F.gelu if activation == "gelu" else (lambda t: t)
+    with torch.no_grad():
+        assert _close(packed(x), act(lin(x)))
+        lin.weight.mul_(-2.0)  # in place: the packed copy must be made again
+        assert _close(packed(x), act(lin(x)))
+    y = packed(x)  # with autograd: the plain op, differentiable
+    y.sum().backward()
+    assert lin.weight.grad is not None
+    with pytest.raises(ValueError, match="activation"):
+        onednn.PackedLinear(lin, "tanh")
+
+
+def _tiny_models():
+    from anyseg.config import SamConfig, TinyViTConfig, ViTConfig
+    from anyseg.modeling.sam import build_sam
+
+    torch.manual_seed(0)
+    tiny_vit = build_sam(SamConfig(encoder=TinyViTConfig(embed_dims=(8, 16, 16, 32), depths=(1, 1, 1, 1),
+                                                         num_heads=(1, 1, 1, 2), img_size=256)))
+    vit = build_sam(SamConfig(encoder=ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,),
+                                                img_size=256)))
+    return {"tiny_vit": tiny_vit.eval(), "vit": vit.eval()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["tiny_vit", "vit"])
+def test_onednn_encoder_shares_parameters_and_encodes_like_the_faithful_encoder(kind, monkeypatch):
+    from anyseg import speed
+    from anyseg.speed import SpeedConfig, apply, encode
+
+    model = _tiny_models()[kind]
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        want = encode(model, x)
+        apply(model, SpeedConfig.lossless())
+        twin = model.speed_runtime.encoder
+        assert twin is not model.image_encoder
+        packed = [m for m in twin.modules() if isinstance(m, onednn.PackedLinear)]
+        plain = [m for m in model.image_encoder.modules() if type(m) is torch.nn.Linear]
+        assert len(packed) == len(plain) and any(m.activation == "gelu" for m in packed)
+        assert {p.data_ptr() for p in twin.parameters()} == {p.data_ptr() for p in model.image_encoder.parameters()}
+        assert _close(encode(model, x), want, 1e-4)
+        # None packs only up to ONEDNN_ENCODER_MAX_BYTES; True always; False never
+        monkeypatch.setattr(speed, "ONEDNN_ENCODER_MAX_BYTES", 0)
+        apply(model, SpeedConfig.lossless())
+        assert model.speed_runtime.encoder is model.image_encoder
+        apply(model, SpeedConfig.lossless(onednn_encoder=True))
+        assert model.speed_runtime.encoder is not model.image_encoder
+        apply(model, SpeedConfig.lossless(onednn_encoder=False))
+        assert model.speed_runtime.encoder is model.image_encoder
+        assert _close(encode(model, x), want, 1e-4)

@@ -36,6 +36,11 @@ def _ops_present() -> bool:
 _PRESENT = _ops_present()
 
 
+def available() -> bool:
+    """Whether this PyTorch has the oneDNN ops and they are switched on (``ENABLED``)."""
+    return ENABLED and _PRESENT
+
+
 def usable(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether :func:`linear` may take the oneDNN route for these operands."""
     if not (ENABLED and _PRESENT) or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
@@ -87,3 +92,32 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, add: Optional[torch.Tensor] = None)
     if add is None:
         return torch.bmm(a, b.transpose(1, 2))
     return torch.baddbmm(add, a, b.transpose(1, 2))
+
+
+class PackedLinear(torch.nn.Module):
+    """An ``nn.Linear`` (its own weight and bias tensors, not copies) run through oneDNN with the weight
+    kept in oneDNN's layout, packed again whenever the weight changes (another storage or in-place
+    version), and ``activation`` (``none``, ``relu`` or exact ``gelu``) fused into the product. Where
+    :func:`usable` says no (autograd, autocast, another dtype or device) it is ``F.linear`` plus the
+    activation. The packed copy costs the weight's size again in memory."""
+
+    def __init__(self, linear: torch.nn.Linear, activation: str = "none", rows: int = 4096) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        self.linear = linear
+        self.activation = activation
+        self.rows = int(rows)
+        self._packed: Optional[tuple] = None
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.linear.weight, self.linear.bias
+        if not usable(x, weight, bias):
+            return _ACTIVATIONS[self.activation](F.linear(x, weight, bias))
+        stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if self._packed is None or self._packed[0] != stamp:
+            self._packed = (stamp, pack(weight, self.rows))
+        return linear(x, weight, bias, self.activation, packed=self._packed[1])
