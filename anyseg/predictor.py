@@ -200,13 +200,14 @@ class SamPredictor:
             low_res, iou = self.model.decode(self.features, sparse.to(self.features.dtype),
                                              dense.to(self.features.dtype), multimask_output)
         low_res = low_res.float()
+        threshold = None if return_logits else self.model.mask_threshold
         if config is not None and config.fast_postprocess:
             resizer = get_resizer(low_res.shape[-1], self.model.img_size, self.input_size, self.original_size)
-            masks = resizer(low_res)
+            masks = resizer(low_res, threshold)
         else:
             masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+            if threshold is not None:
+                masks = masks > threshold
         return masks, iou.float(), low_res
 
     def fast_decoder(self):

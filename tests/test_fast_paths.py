@@ -351,9 +351,12 @@ def test_mask_resizer_matches_two_bilinear_resizes(input_size, original):
     want = F.interpolate(low[:, None], (1024, 1024), mode="bilinear", align_corners=False)
     want = F.interpolate(want[..., : input_size[0], : input_size[1]], original, mode="bilinear",
                          align_corners=False)[:, 0]
-    got = MaskResizer(256, 1024, input_size, original)(low)
+    resizer = MaskResizer(256, 1024, input_size, original)
+    got = resizer(low)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-3
+    masks = resizer(low, 0.5)  # thresholded inside: the same booleans as thresholding the logits
+    assert masks.dtype == torch.bool and torch.equal(masks, got > 0.5) and 0 < masks.sum() < masks.numel()
     with pytest.raises(ValueError, match="logits"):
         MaskResizer(256, 1024, input_size, original)(torch.zeros(1, 64, 64))
 

@@ -13,7 +13,7 @@ multiply-adds per output pixel.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,13 +73,16 @@ class _Banded:
             self._on[key] = (self.index.to(device), self.weights.to(device=device, dtype=dtype))
         return self._on[key]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``... x n_in`` -> ``... x n_out``."""
+    def __call__(self, x: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        """``... x n_in`` -> ``... x n_out`` (booleans ``> threshold`` when given: compared before the
+        blocks are put back in order, so that the reordering copy moves bytes instead of floats)."""
         index, weights = self._tensors(x.device, x.dtype)
         lead = x.shape[:-1]
         g = x.reshape(-1, x.shape[-1]).index_select(1, index)  # R x (nb width)
         g = g.view(-1, self.n_blocks, self.width).transpose(0, 1)  # nb x R x width
         y = torch.bmm(g, weights)  # nb x R x block
+        if threshold is not None:
+            y = y > threshold
         y = y.transpose(0, 1).reshape(-1, self.n_blocks * self.block)[:, : self.n_out]
         return y.reshape(*lead, self.n_out)
 
@@ -103,12 +106,13 @@ class MaskResizer:
         self.low = low
         self.original_size = (oh, ow)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``... x L x L`` float logits -> ``... x H x W`` logits (same dtype)."""
+    def __call__(self, logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        """``... x L x L`` float logits -> ``... x H x W`` logits (same dtype), or with ``threshold`` the
+        boolean masks ``logits > threshold`` (the same as thresholding the logits afterwards)."""
         if logits.shape[-2:] != (self.low, self.low):
             raise ValueError(f"expected ... x {self.low} x {self.low} logits, got {tuple(logits.shape)}")
         y = self.rows(logits.transpose(-1, -2))  # ... x L(cols) x H
-        return self.cols(y.transpose(-1, -2))  # ... x H x W
+        return self.cols(y.transpose(-1, -2), threshold)  # ... x H x W
 
 
 @lru_cache(maxsize=32)
