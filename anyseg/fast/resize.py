@@ -67,16 +67,28 @@ class _Banded:
         self.n_blocks, self.width, self.block = n_blocks, width, block
         self._on = {}
 
-    def _tensors(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _tensors(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """index, weights (``nb x width x block``) and their ``nb x block x width`` transpose, on device."""
         key = (str(device), dtype)
         if key not in self._on:
-            self._on[key] = (self.index.to(device), self.weights.to(device=device, dtype=dtype))
+            weights = self.weights.to(device=device, dtype=dtype)
+            self._on[key] = (self.index.to(device), weights, weights.transpose(1, 2).contiguous())
         return self._on[key]
+
+    def along_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``... x n_in x C`` -> ``... x n_out x C``: the same map along the second-last axis, where
+        gathering whole rows is cheap, so nothing is transposed."""
+        index, _, weights_t = self._tensors(x.device, x.dtype)
+        lead, c = x.shape[:-2], x.shape[-1]
+        x = x.reshape(-1, x.shape[-2], c)
+        g = x.index_select(1, index).view(x.shape[0], self.n_blocks, self.width, c)  # m x nb x width x C
+        y = torch.matmul(weights_t, g)  # m x nb x block x C
+        return y.view(x.shape[0], self.n_blocks * self.block, c)[:, : self.n_out].reshape(*lead, self.n_out, c)
 
     def __call__(self, x: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         """``... x n_in`` -> ``... x n_out`` (booleans ``> threshold`` when given: compared before the
         blocks are put back in order, so that the reordering copy moves bytes instead of floats)."""
-        index, weights = self._tensors(x.device, x.dtype)
+        index, weights, _ = self._tensors(x.device, x.dtype)
         lead = x.shape[:-1]
         g = x.reshape(-1, x.shape[-1]).index_select(1, index)  # R x (nb width)
         g = g.view(-1, self.n_blocks, self.width).transpose(0, 1)  # nb x R x width
@@ -111,8 +123,7 @@ class MaskResizer:
         boolean masks ``logits > threshold`` (the same as thresholding the logits afterwards)."""
         if logits.shape[-2:] != (self.low, self.low):
             raise ValueError(f"expected ... x {self.low} x {self.low} logits, got {tuple(logits.shape)}")
-        y = self.rows(logits.transpose(-1, -2))  # ... x L(cols) x H
-        return self.cols(y.transpose(-1, -2), threshold)  # ... x H x W
+        return self.cols(self.rows.along_rows(logits), threshold)  # ... x H x L, then ... x H x W
 
 
 @lru_cache(maxsize=32)
