@@ -252,8 +252,8 @@ def _onednn():
 def onednn_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``encoder``'s module tree that shares its parameters and buffers, with every
     ``nn.Linear`` run as an :class:`anyseg.fast.onednn.PackedLinear`; in the MLPs
-    (:class:`~anyseg.modeling.common.MLPBlock`, TinyViT's ``Mlp``) the exact GELU is fused into the
-    first layer."""
+    (:class:`~anyseg.modeling.common.MLPBlock`, TinyViT's ``Mlp``) the activation (exact GELU or ReLU)
+    is fused into the first layer."""
     from .modeling.common import MLPBlock
     from .modeling.tiny_vit import Mlp
 
@@ -266,8 +266,9 @@ def onednn_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
         if names is None:
             continue
         first, act = (getattr(module, n) for n in names)
-        if isinstance(act, torch.nn.GELU) and act.approximate == "none" and isinstance(first, torch.nn.Linear):
-            setattr(module, names[0], onednn.PackedLinear(first, "gelu"))
+        activation = onednn.activation_name(act)
+        if activation is not None and type(first) is torch.nn.Linear:
+            setattr(module, names[0], onednn.PackedLinear(first, activation))
             setattr(module, names[1], torch.nn.Identity())
     for module in list(twin.modules()):
         if isinstance(module, onednn.PackedLinear):

@@ -164,3 +164,10 @@ def test_onednn_encoder_shares_parameters_and_encodes_like_the_faithful_encoder(
         apply(model, SpeedConfig.lossless(onednn_encoder=False))
         assert model.speed_runtime.encoder is model.image_encoder
         assert _close(encode(model, x), want, 1e-4)
+
+
+def test_activation_name_only_for_what_onednn_fuses_exactly():
+    assert onednn.activation_name(torch.nn.ReLU()) == "relu"
+    assert onednn.activation_name(torch.nn.GELU()) == "gelu"
+    assert onednn.activation_name(torch.nn.GELU(approximate="tanh")) is None
+    assert onednn.activation_name(torch.nn.SiLU()) is None

@@ -449,8 +449,7 @@ class FastDecoder:
     def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The two-way blocks' token MLP (``lin1 -> act -> lin2``), through oneDNN with its weights kept
         packed and the activation fused where :mod:`anyseg.fast.onednn` can serve; else the module."""
-        act = mlp.act
-        name = "relu" if isinstance(act, nn.ReLU) else "gelu" if isinstance(act, nn.GELU) and act.approximate == "none" else None
+        name = onednn.activation_name(mlp.act)
         lin1, lin2 = mlp.lin1, mlp.lin2
         if name is None or not onednn.usable(x, lin1.weight, lin1.bias, lin2.weight, lin2.bias):
             return mlp(x)
@@ -663,8 +662,7 @@ class FastDecoder:
             up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4),
             up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8), up2.bias.repeat(4)))
         # The second layer through oneDNN with its exact GELU fused in (same values as PyTorch's GELU).
-        fused = (isinstance(act2, nn.GELU) and act2.approximate == "none"
-                 and onednn.usable(hyper, image_tokens, up2.weight, up2.bias))
+        fused = onednn.activation_name(act2) == "gelu" and onednn.usable(hyper, image_tokens, up2.weight, up2.bias)
         if fused:
             w2_packed = _kept(self._weights, "upscale_packed", [up2.weight],
                               lambda: onednn.pack(w2.t(), h * w * 4))

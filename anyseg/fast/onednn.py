@@ -64,6 +64,15 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
 _ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu}
 
 
+def activation_name(module: torch.nn.Module) -> Optional[str]:
+    """The name oneDNN fuses ``module`` under (``relu``, or ``gelu`` for the exact GELU), or None."""
+    if isinstance(module, torch.nn.ReLU):
+        return "relu"
+    if isinstance(module, torch.nn.GELU) and module.approximate == "none":
+        return "gelu"
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            activation: str = "none", packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``activation(x @ weight^T + bias)`` (``x`` ``... x K``, ``weight`` ``N x K``, ``bias`` ``N``) with
