@@ -1,6 +1,8 @@
 """anyseg.fast.onednn (oneDNN products) and the pixel shuffle of the fast decoder."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,8 +104,11 @@ def test_fast_decoder_with_and_without_onednn_matches_mask_decoder(enabled, batc
     dense = no_mask.view(1, -1, 1, 1).expand(batch, -1, 16, 16)
     with torch.inference_mode():
         want_masks, want_iou = dec(emb, pe, sparse, dense, True)
-        got_masks, got_iou = FastDecoder(dec, pe, no_mask)(sparse, None, True, embedding=emb)
+        fast = FastDecoder(dec, pe, no_mask)
+        got_masks, got_iou = fast(sparse, None, True, embedding=emb)
+        copied = copy.deepcopy(fast)(sparse, None, True)  # after packing: a copy packs again
     assert _close(got_masks, want_masks, 1e-4) and (got_iou - want_iou).abs().max().item() <= 1e-4
+    assert _close(copied[0], got_masks, 1e-6)
 
 
 @needs_onednn
@@ -171,3 +176,22 @@ def test_activation_name_only_for_what_onednn_fuses_exactly():
     assert onednn.activation_name(torch.nn.GELU()) == "gelu"
     assert onednn.activation_name(torch.nn.GELU(approximate="tanh")) is None
     assert onednn.activation_name(torch.nn.SiLU()) is None
+
+
+@needs_onednn
+def test_model_with_a_packed_encoder_can_be_copied_and_saved():
+    """The server and ONNX export deep-copy the model; packed oneDNN weights cannot be copied, so a
+    copy packs again on first use and encodes the same."""
+    import io
+
+    from anyseg.speed import SpeedConfig, apply, encode
+
+    model = _tiny_models()["tiny_vit"]
+    apply(model, SpeedConfig.lossless())
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        want = encode(model, x)  # packs the weights
+        twin = copy.deepcopy(model)
+        assert _close(encode(twin, x), want)
+        assert _close(encode(model, x), want)
+    torch.save(model, io.BytesIO())

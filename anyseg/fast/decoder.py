@@ -257,7 +257,7 @@ def _kept(store: dict, key, params: Sequence[torch.Tensor], make):
     so gradients and traced graphs see the parameters themselves."""
     if torch.is_grad_enabled() or torch.jit.is_tracing():
         return make()
-    stamp = tuple((id(p), p.data_ptr(), p._version) for p in params)
+    stamp = tuple((id(p), p.data_ptr(), onednn.version(p)) for p in params)
     hit = store.get(key)
     if hit is None or hit[0] != stamp:
         hit = (stamp, make())
@@ -412,6 +412,13 @@ class FastDecoder:
         self.mask_projection = mask_projection
         self.cache: Optional[ImageCache] = None
         self._weights: dict = {}  # weights re-laid-out from the decoder's parameters (see _kept)
+
+    def __getstate__(self) -> dict:
+        # The kept weights (packed oneDNN tensors among them, which cannot be copied) are made again
+        # on first use by a copy.
+        state = self.__dict__.copy()
+        state["_weights"] = {}
+        return state
 
     # ------------------------------------------------------------------------------------ per image
     def set_image(self, embedding: torch.Tensor, project: bool = True) -> ImageCache:

@@ -54,6 +54,11 @@ def usable(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
+def version(t: torch.Tensor) -> int:
+    """``t``'s in-place version counter, 0 for an inference tensor (which keeps none)."""
+    return 0 if t.is_inference() else t._version
+
+
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """``weight`` (``N x K``, as ``nn.Linear`` keeps it) in oneDNN's blocked layout, for products with
     about ``rows`` input rows (any number works). Only :func:`linear` can read the result."""
@@ -122,11 +127,17 @@ class PackedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
 
+    def __getstate__(self) -> dict:
+        # oneDNN's packed tensors have no storage to copy or pickle: copies pack again on first use.
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.linear.weight, self.linear.bias
         if not usable(x, weight, bias):
             return _ACTIVATIONS[self.activation](F.linear(x, weight, bias))
-        stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        stamp = (weight.data_ptr(), version(weight), tuple(weight.shape))
         if self._packed is None or self._packed[0] != stamp:
             self._packed = (stamp, pack(weight, self.rows))
         return linear(x, weight, bias, self.activation, packed=self._packed[1])
