@@ -28,6 +28,7 @@ def _ops_present() -> bool:
     try:
         return (torch.backends.mkldnn.is_available()
                 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and "binary" in torch.ops.mkldnn._linear_pointwise.overloads()
                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     except (AttributeError, RuntimeError):
         return False
