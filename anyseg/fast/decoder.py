@@ -457,13 +457,13 @@ class FastDecoder:
         """The two-way blocks' token MLP (``lin1 -> act -> lin2``), through oneDNN with its weights kept
         packed and the activation fused where :mod:`anyseg.fast.onednn` can serve; else the module."""
         name = onednn.activation_name(mlp.act)
-        lin1, lin2 = mlp.lin1, mlp.lin2
-        if name is None or not onednn.usable(x, lin1.weight, lin1.bias, lin2.weight, lin2.bias):
+        if name is None:
             return mlp(x)
-        p1, p2 = _kept(self._weights, ("mlp", id(mlp)), [lin1.weight, lin2.weight],
-                       lambda: (onednn.pack(lin1.weight, x.shape[-2]), onednn.pack(lin2.weight, x.shape[-2])))
-        hidden = onednn.linear(x, lin1.weight, lin1.bias, name, packed=p1)
-        return onednn.linear(hidden, lin2.weight, lin2.bias, packed=p2)
+        key = ("mlp", id(mlp))  # the PackedLinears hold mlp's layers, so the id is not reused meanwhile
+        if key not in self._weights:
+            self._weights[key] = (onednn.PackedLinear(mlp.lin1, name, rows=8), onednn.PackedLinear(mlp.lin2, rows=8))
+        first, second = self._weights[key]
+        return second(first(x))
 
     def _pe_projection(self, attn: Attention) -> torch.Tensor:
         """``pe Wk^T`` (``1 x N x (H d)``, no bias) for ``attn``'s key projection, once per image (made
@@ -669,7 +669,7 @@ class FastDecoder:
             up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4),
             up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8), up2.bias.repeat(4)))
         # The second layer through oneDNN with its exact GELU fused in (same values as PyTorch's GELU).
-        fused = onednn.activation_name(act2) == "gelu" and onednn.usable(hyper, image_tokens, up2.weight, up2.bias)
+        fused = onednn.activation_name(act2) == "gelu" and onednn.usable(image_tokens, up2.weight, up2.bias)
         if fused:
             w2_packed = _kept(self._weights, "upscale_packed", [up2.weight],
                               lambda: onednn.pack(w2.t(), h * w * 4))
@@ -692,11 +692,8 @@ class FastDecoder:
                 x = onednn.linear(x, w2.t(), b2, "gelu", packed=w2_packed)
             else:
                 x = act2(torch.addmm(b2, x, w2))  # (n N a b) x (a2 b2 c8)
-            x = x.view(n, h * w * 16, c8)
-            if n == 1 and fused:  # the pixels as oneDNN's weight: N x K, no transpose
-                return onednn.linear(hyp[0], x[0]).unsqueeze(0)
             # Masks first: a product with k output columns runs several times slower than one with k rows.
-            return torch.bmm(hyp, x.transpose(1, 2))  # n x k x (i j a b a2 b2)
+            return onednn.bmm_nt(hyp, x.view(n, h * w * 16, c8))  # n x k x (i j a b a2 b2)
 
         if b <= self.upscale_chunk:  # one piece (also the traceable form used by ONNX export)
             return _pixel_shuffle(upscale(slice(None)), h, w)

@@ -136,9 +136,10 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.linear.weight, self.linear.bias
-        if not usable(x, weight, bias):
-            return _ACTIVATIONS[self.activation](F.linear(x, weight, bias))
-        stamp = (weight.data_ptr(), version(weight), tuple(weight.shape))
-        if self._packed is None or self._packed[0] != stamp:
-            self._packed = (stamp, pack(weight, self.rows))
-        return linear(x, weight, bias, self.activation, packed=self._packed[1])
+        packed = None
+        if usable(x, weight, bias):
+            stamp = (weight.data_ptr(), version(weight), tuple(weight.shape))
+            if self._packed is None or self._packed[0] != stamp:
+                self._packed = (stamp, pack(weight, self.rows))
+            packed = self._packed[1]
+        return linear(x, weight, bias, self.activation, packed=packed)
