@@ -22,6 +22,7 @@ _EXPORTS = {
     "MaskGenerator": "automatic",
     "SamAutomaticMaskGenerator": "automatic",
     "load_image": "imageio",
+    "SAM2ImagePredictor": "sam2_predictor",
 }
 
 

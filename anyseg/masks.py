@@ -401,3 +401,29 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tup
         # Labels are numbered in raster order, so ties go to the component met first.
         keep = np.array([int(np.argmax(sizes)) + 1])
     return np.isin(labels, keep), True
+
+
+def small_components(mask: torch.Tensor, max_area: float) -> torch.Tensor:
+    """Pixels of ``mask`` (bool, ``... x H x W``) lying in 8-connected components of at most ``max_area``
+    pixels, per ``H x W`` plane (SAM 2's hole filling and sprinkle removal on low-res logits)."""
+    planes = mask.detach().cpu().numpy().astype(bool).reshape(-1, *mask.shape[-2:])
+    out = np.zeros_like(planes)
+    for i, plane in enumerate(planes):
+        labels, n = ndimage.label(plane, structure=_EIGHT_CONNECTED)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        small = sizes <= max_area
+        small[0] = False
+        out[i] = small[labels]
+    return torch.from_numpy(out.reshape(mask.shape)).to(mask.device)
+
+
+def fill_holes_in_logits(logits: torch.Tensor, max_area: float, *, threshold: float = 0.0,
+                         fill: float = 0.1) -> torch.Tensor:
+    """Set background components (``logits <= threshold``) of at most ``max_area`` pixels to ``fill``
+    (SAM 2 video: ``fill_hole_area``; ``... x H x W`` logits)."""
+    if max_area <= 0:
+        return logits
+    holes = small_components(logits <= threshold, max_area)
+    return torch.where(holes, torch.as_tensor(fill, dtype=logits.dtype, device=logits.device), logits)

@@ -37,10 +37,14 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (keys ``layers.i``)."""
+    """``num_layers`` linear layers with ReLU (or ``act``) between them (keys ``layers.i``); SAM 2's IoU head
+    ends in a sigmoid (``sigmoid_output``)."""
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, *,
+                 act: Type[nn.Module] = nn.ReLU, sigmoid_output: bool = False) -> None:
         super().__init__()
+        self.act = act()
+        self.sigmoid_output = sigmoid_output
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
@@ -50,5 +54,5 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < last:
-                x = torch.relu(x)
-        return x
+                x = self.act(x)
+        return torch.sigmoid(x) if self.sigmoid_output else x

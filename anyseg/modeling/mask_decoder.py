@@ -13,7 +13,8 @@ from .transformer import TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
-    def __init__(self, config: MaskDecoderConfig) -> None:
+    def __init__(self, config: MaskDecoderConfig, *, mlp_layers: bool = False, iou_sigmoid: bool = False) -> None:
+        """``mlp_layers`` and ``iou_sigmoid`` are SAM 2's variants (transformer MLP keys, sigmoid IoU head)."""
         super().__init__()
         dim = config.transformer_dim
         self.transformer_dim = dim
@@ -21,7 +22,8 @@ class MaskDecoder(nn.Module):
         self.num_mask_tokens = config.num_multimask_outputs + 1
         self.transformer = TwoWayTransformer(depth=config.depth, dim=dim, num_heads=config.num_heads,
                                              mlp_dim=config.mlp_dim,
-                                             downsample_rate=config.attention_downsample_rate)
+                                             downsample_rate=config.attention_downsample_rate,
+                                             mlp_layers=mlp_layers)
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
         self.output_upscaling = nn.Sequential(
@@ -35,7 +37,7 @@ class MaskDecoder(nn.Module):
             MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(dim, config.iou_head_hidden_dim, self.num_mask_tokens,
-                                       config.iou_head_depth)
+                                       config.iou_head_depth, sigmoid_output=iou_sigmoid)
 
     def forward(
         self,

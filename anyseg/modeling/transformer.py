@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLPBlock
+from .common import MLP, MLPBlock
 
 
 class Attention(nn.Module):
@@ -46,13 +46,14 @@ class Attention(nn.Module):
 
 class TwoWayAttentionBlock(nn.Module):
     def __init__(self, dim: int, *, num_heads: int, mlp_dim: int, downsample_rate: int,
-                 skip_first_layer_pe: bool) -> None:
+                 skip_first_layer_pe: bool, mlp_layers: bool = False) -> None:
         super().__init__()
         self.self_attn = Attention(dim, num_heads=num_heads)
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn_token_to_image = Attention(dim, num_heads=num_heads, downsample_rate=downsample_rate)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, mlp_dim, act=nn.ReLU)
+        # SAM 2 stores the same MLP under keys mlp.layers.0/1 (SAM 1: mlp.lin1/lin2).
+        self.mlp = MLP(dim, mlp_dim, dim, 2) if mlp_layers else MLPBlock(dim, mlp_dim, act=nn.ReLU)
         self.norm3 = nn.LayerNorm(dim)
         self.norm4 = nn.LayerNorm(dim)
         self.cross_attn_image_to_token = Attention(dim, num_heads=num_heads, downsample_rate=downsample_rate)
@@ -82,11 +83,12 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    def __init__(self, *, depth: int, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int) -> None:
+    def __init__(self, *, depth: int, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int,
+                 mlp_layers: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             TwoWayAttentionBlock(dim, num_heads=num_heads, mlp_dim=mlp_dim, downsample_rate=downsample_rate,
-                                 skip_first_layer_pe=(i == 0))
+                                 skip_first_layer_pe=(i == 0), mlp_layers=mlp_layers)
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(dim, num_heads=num_heads, downsample_rate=downsample_rate)
