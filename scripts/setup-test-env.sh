@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python3}"
 warn() { echo "setup-test-env: warning: $*" >&2; }
 
 # --- Python packages (pip does nothing for requirements already met) ---------------------------------
-"$PYTHON" -m pip install -q -e ".[server,onnx]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19"
+"$PYTHON" -m pip install -q -e ".[server,onnx,video]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19"
 
 # --- Chromium from Debian -----------------------------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then
