@@ -23,6 +23,11 @@ _EXPORTS = {
     "SamAutomaticMaskGenerator": "automatic",
     "load_image": "imageio",
     "SAM2ImagePredictor": "sam2_predictor",
+    "Sam2Config": "config_sam2",
+    "build_sam2": "sam2_build",
+    "build_sam2_video_predictor": "sam2_build",
+    "build_sam2_hf": "sam2_build",
+    "build_sam2_video_predictor_hf": "sam2_build",
 }
 
 

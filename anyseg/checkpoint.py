@@ -153,6 +153,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], *, img_size: Optional[int] = No
     ``img_size`` is needed only for TinyViT checkpoints trained at a resolution other than 1024
     (nothing in a TinyViT's weights depends on it).
     """
+    if any(k.startswith(ENC + "trunk.") for k in sd):
+        raise CheckpointError("this is a SAM 2 checkpoint (image_encoder.trunk.* keys): load it with "
+                              "anyseg.load_model, or infer its config with anyseg.sam2_checkpoint.infer_sam2_config")
     if not any(k.startswith(ENC) for k in sd):
         sample = ", ".join(list(sd)[:5])
         raise CheckpointError(
@@ -225,12 +228,19 @@ def model_from_state_dict(sd: Mapping[str, torch.Tensor], *, config: Optional[Sa
 
 
 def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
-               dtype: Optional[torch.dtype] = None, *, img_size: Optional[int] = None, speed=None) -> Sam:
-    """Load a SAM checkpoint, ready for inference (eval mode).
+               dtype: Optional[torch.dtype] = None, *, img_size: Optional[int] = None, speed=None,
+               config=None, video: bool = False):
+    """Load a SAM or SAM 2 / 2.1 checkpoint, ready for inference (eval mode).
 
     Args:
         path_or_name: a ``.pth`` / ``.pt`` / ``.safetensors`` file, or a registered name
-            (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t``) resolved through the cache (see ``anyseg.hub``).
+            (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t``, ``sam2.1_hiera_t``, ...) resolved through the
+            cache (see ``anyseg.hub``). SAM 2 checkpoints are recognised by their keys and loaded by
+            :func:`anyseg.sam2_checkpoint.sam2_model_from_state_dict` (a ``.yaml`` beside the file with the
+            same stem completes a layout that is not one of the public ones).
+        config: SAM 1: a :class:`SamConfig` instead of the inferred one. SAM 2: a config file in the
+            reference's YAML format, a public config name or a ``Sam2Config`` (checked against the keys).
+        video: SAM 2 only: build with the video builder's settings (``Sam2Config.for_video()``).
         device: where to put the model (default: CPU).
         dtype: parameter dtype (default: float32, the faithful path).
         img_size: input resolution (square frame, px) to run the model at, when not the one it was
@@ -245,6 +255,13 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
     path = resolve_checkpoint(path_or_name)
     sd = read_state_dict(path)
     source = str(path)
+    family_model = _load_other_family(sd, path, config=config, video=video, img_size=img_size, speed=speed)
+    if family_model is not None:
+        if device is not None or dtype is not None:
+            family_model.to(device=device, dtype=dtype)
+        return family_model
+    if video:
+        raise ValueError(f"video=True needs a SAM 2 checkpoint; {source} is a SAM 1 checkpoint")
     if img_size is not None:
         if img_size <= 0:
             raise ValueError(f"img_size must be positive, got {img_size}")
@@ -252,7 +269,9 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
             from .resolution import resize_state_dict
 
             sd, source, img_size = resize_state_dict(sd, img_size), f"{path} at {img_size} px", None
-    config = infer_config(sd, img_size=img_size)
+    if config is not None and not isinstance(config, SamConfig):
+        raise TypeError(f"{source} is a SAM 1 checkpoint: config must be a SamConfig, got {type(config).__name__}")
+    config = config or infer_config(sd, img_size=img_size)
     model = model_from_state_dict(sd, config=config, source=source)
     model.eval()
     if device is not None or dtype is not None:
@@ -262,6 +281,24 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
 
         apply(model, resolve(speed, model.device))
     return model
+
+
+def _load_other_family(sd: StateDict, path: Path, *, config, video: bool, img_size: Optional[int], speed):
+    """The model of a state dict of another family than SAM 1 (SAM 2 / 2.1), or None for SAM 1."""
+    from .sam2_checkpoint import is_sam2_state_dict, sam2_model_from_state_dict
+
+    if not is_sam2_state_dict(sd):
+        return None
+    if img_size is not None:
+        raise NotImplementedError(f"{path} is a SAM 2 checkpoint: img_size is not supported for SAM 2 (the "
+                                  "models run at their configured image_size)")
+    if speed is not None and speed != "faithful":
+        from .speed import SpeedConfig
+
+        if not (isinstance(speed, SpeedConfig) and speed.is_faithful):
+            raise NotImplementedError(f"{path} is a SAM 2 checkpoint: speed={speed!r} is not available for SAM 2 "
+                                      "yet; load it with speed=None (the faithful float32 path)")
+    return sam2_model_from_state_dict(sd, config=config, video=video, checkpoint_path=path)
 
 
 def save_model(model: Sam, path: Union[str, os.PathLike]) -> Path:

@@ -45,6 +45,8 @@ __all__ = [
     "checkpoints_dir",
     "download",
     "get_checkpoint_info",
+    "hf_checkpoint_info",
+    "resolve_hf_id",
     "register_checkpoint",
     "BUNDLED",
     "bundled_path",
@@ -70,6 +72,8 @@ class CheckpointInfo:
         size_bytes: Exact file size in bytes, or ``None`` when unknown.
         description: One line for humans.
         sha256_prefix: Leading hex digits of the sha256, used only when ``sha256`` is ``None``.
+        hf_id: The Hugging Face hub repository holding the same file (``facebook/sam2.1-hiera-tiny``).
+        config_name: The reference's config for the file (SAM 2: ``configs/sam2.1/sam2.1_hiera_t.yaml``).
     """
 
     name: str
@@ -79,6 +83,8 @@ class CheckpointInfo:
     size_bytes: int | None = None
     description: str = ""
     sha256_prefix: str | None = None
+    hf_id: str | None = None
+    config_name: str | None = None
 
     def __post_init__(self) -> None:
         for field_name in ("sha256", "sha256_prefix"):
@@ -138,6 +144,26 @@ _BUILTIN = (
     ),
 )
 
+
+def _sam2(version: str, size: str, long: str, hf_size: str) -> CheckpointInfo:
+    prefix, folder, date = ("sam2", "sam2", "072824") if version == "2.0" else ("sam2.1", "sam2.1", "092824")
+    filename = f"{prefix}_hiera_{long}.pt"
+    return CheckpointInfo(
+        name=f"{prefix}_hiera_{size}",
+        filename=filename,
+        url=f"https://dl.fbaipublicfiles.com/segment_anything_2/{date}/{filename}",
+        description=f"SAM {version} Hiera-{size.upper()} (images and video)",
+        hf_id=f"facebook/{prefix}-hiera-{hf_size}",
+        config_name=f"configs/{folder}/{prefix}_hiera_{size}.yaml",
+    )
+
+
+# SAM 2 / 2.1 (spec/sam2.md 11.5): no checksums are published for these files, so only their names are
+# checked; the long names (sam2.1_hiera_tiny, the file stems) are aliases.
+_SAM2_SIZES = (("t", "tiny", "tiny"), ("s", "small", "small"), ("b+", "base_plus", "base-plus"),
+               ("l", "large", "large"))
+_BUILTIN += tuple(_sam2(version, size, long, hf) for version in ("2.0", "2.1") for size, long, hf in _SAM2_SIZES)
+
 _REGISTRY: dict[str, CheckpointInfo] = {info.name: info for info in _BUILTIN}
 _ALIASES: dict[str, str] = {
     "default": "vit_h",
@@ -147,6 +173,8 @@ _ALIASES: dict[str, str] = {
     "mobilesam": "vit_t",
     "mobile_sam": "vit_t",
     "sam_vit_t": "vit_t",
+    **{f"{prefix}_hiera_{long}": f"{prefix}_hiera_{size}"
+       for prefix in ("sam2", "sam2.1") for size, long, _ in _SAM2_SIZES},
 }
 
 REGISTRY: Mapping[str, CheckpointInfo] = MappingProxyType(_REGISTRY)
@@ -240,6 +268,54 @@ def get_checkpoint_info(name: str) -> CheckpointInfo:
             f"Known names: {known}" + (f" (aliases: {aliases})" if aliases else "")
             + ". Pass a path to a checkpoint file to use your own weights."
         ) from None
+
+
+def hf_checkpoint_info(hub_id: str) -> CheckpointInfo:
+    """The registry entry of a Hugging Face hub id such as ``facebook/sam2.1-hiera-tiny`` (case-insensitive).
+
+    Raises:
+        ValueError: not a known hub id; the message lists them.
+    """
+    wanted = hub_id.strip().lower()
+    for info in _REGISTRY.values():
+        if info.hf_id is not None and info.hf_id.lower() == wanted:
+            return info
+    known = ", ".join(sorted(i.hf_id for i in _REGISTRY.values() if i.hf_id))
+    raise ValueError(f"unknown Hugging Face model id {hub_id!r}; known ids: {known}")
+
+
+def resolve_hf_id(hub_id: str, *, download: bool = True) -> Path:
+    """A local file for a Hugging Face hub id (``facebook/sam2.1-hiera-tiny``).
+
+    The file already in anyseg's cache under its official name is used as is; otherwise it is fetched with
+    ``huggingface_hub.hf_hub_download`` (into the Hugging Face cache), which needs the ``huggingface_hub``
+    package. With ``ANYSEG_OFFLINE=1`` or ``download=False`` only files already in one of the caches are used.
+
+    Raises:
+        ValueError: an unknown hub id.
+        ImportError: huggingface_hub is not installed and the file is not in anyseg's cache.
+        FileNotFoundError: the file could not be fetched (offline, no network, ...).
+    """
+    info = hf_checkpoint_info(hub_id)
+    dest = checkpoints_dir() / info.filename
+    if dest.is_file():
+        _verify_cached(dest, info)
+        return dest
+    by_hand = (f"download {info.filename} from https://huggingface.co/{info.hf_id} (or {info.url}) and save it "
+               f"as {dest}, or load it by its anyseg name {info.name!r}, which downloads it without "
+               "huggingface_hub")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:
+        raise ImportError(f"loading {hub_id!r} from the Hugging Face hub needs the huggingface_hub package "
+                          f"(pip install huggingface_hub); or {by_hand}") from exc
+    local_only = not download or _offline()
+    try:
+        return Path(hf_hub_download(repo_id=info.hf_id, filename=info.filename, local_files_only=local_only))
+    except Exception as exc:  # huggingface_hub raises many types (offline, HTTP, missing cache entry)
+        reason = "offline mode: not in the Hugging Face cache" if local_only else f"{type(exc).__name__}: {exc}"
+        raise FileNotFoundError(f"could not get {info.filename} of {hub_id!r} from the Hugging Face hub "
+                                f"({reason}); {by_hand}") from exc
 
 
 def cache_dir() -> Path:
