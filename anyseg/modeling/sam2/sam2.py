@@ -231,5 +231,7 @@ def build_sam2_model(config: Sam2Config) -> Sam2:
                            img_size=config.image_size, embedding_size=config.embedding_size)
     decoder = Sam2MaskDecoder(config)
     return Sam2(config=config, image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
-                memory_attention=MemoryAttention(config.memory_attention),
+                # The reference computes these attentions with fused SDPA in float32; the explicit
+                # softmax (use_sdpa=False) gives the same numbers to float32 rounding, several times slower.
+                memory_attention=MemoryAttention(config.memory_attention, use_sdpa=True),
                 memory_encoder=MemoryEncoder(config.memory_encoder))
