@@ -28,6 +28,9 @@ _EXPORTS = {
     "build_sam2_video_predictor": "sam2_build",
     "build_sam2_hf": "sam2_build",
     "build_sam2_video_predictor_hf": "sam2_build",
+    "Sam2": "modeling.sam2",
+    "SAM2VideoPredictor": "video.predictor",
+    "SAM2AutomaticMaskGenerator": "sam2_automatic",
 }
 
 
