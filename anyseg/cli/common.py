@@ -15,9 +15,10 @@ NANO_NOTICE = (
 def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, device: bool = True) -> None:
     parser.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
-        help="checkpoint file (.pth/.pt/.safetensors) or a name: nano (the small built-in demo model, the "
-             "default) or vit_b, vit_l, vit_h, vit_t (the public SAM checkpoints, downloaded once into "
-             "$ANYSEG_HOME, default ~/.cache/anyseg)",
+        help="checkpoint file (.pth/.pt/.safetensors; SAM 1 or SAM 2 / 2.1, a SAM 2 file with a custom layout "
+             "needs its .yaml config beside it) or a name: nano (the small built-in demo model, the default) or "
+             "vit_b, vit_l, vit_h, vit_t (the public SAM checkpoints, downloaded once into $ANYSEG_HOME, default "
+             "~/.cache/anyseg)",
     )
     if device:
         parser.add_argument("--device", default=None,
@@ -27,7 +28,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, 
     parser.add_argument(
         "--speed", choices=("auto", "lossless", "faithful"), default="auto",
         help="fast paths: auto (lossless fast paths, plus bf16 where the hardware has it; default), lossless "
-             "(same float32 results as the reference, faster) or faithful (the reference computation)",
+             "(same float32 results as the reference, faster) or faithful (the reference computation); SAM 2 "
+             "models have no fast paths yet (auto runs them faithfully)",
     )
 
 
@@ -35,24 +37,28 @@ def load_model_from_args(args: argparse.Namespace, *, img_size: Optional[int] = 
                          keep_freed_memory: bool = True):
     """The model of ``--model`` on ``--device`` with ``--speed`` (and at ``img_size`` px when given).
 
-    ``keep_freed_memory=False`` leaves the C allocator as it is even where the speed preset would tune it
-    (a long-running server whose memory should follow its cache bound)."""
-    from dataclasses import replace
-
+    SAM 1 and SAM 2 checkpoints alike; ``--speed auto`` switches on the fast paths the model's family has
+    (none yet for SAM 2). What a family cannot do (``--speed lossless`` or ``--img-size`` with SAM 2) is a
+    ValueError that says so. ``keep_freed_memory=False`` leaves the C allocator as it is even where the
+    speed preset would tune it (a long-running server whose memory should follow its cache bound)."""
     import torch
 
     from ..checkpoint import load_model
-    from ..speed import resolve
+    from ..protocol import UnsupportedByModel, apply_speed
 
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     speed = getattr(args, "speed", None)
-    if not keep_freed_memory and speed is not None:
-        speed = replace(resolve(speed, device), keep_freed_memory=False)
     if str(args.model).strip().lower() == "nano":
         import sys
 
         print(f"anyseg: {NANO_NOTICE}", file=sys.stderr)
-    return load_model(args.model, device=device, speed=speed, img_size=img_size)
+    try:
+        model = load_model(args.model, device=device, img_size=img_size)
+    except NotImplementedError as exc:  # an option the checkpoint's family does not have
+        raise UnsupportedByModel(str(exc)) from exc
+    if speed is not None:
+        apply_speed(model, speed, keep_freed_memory=keep_freed_memory)
+    return model
 
 
 def parse_numbers(text: str, counts: Tuple[int, ...], what: str) -> List[float]:

@@ -16,7 +16,9 @@ Measure how well a model segments the instances of a dataset from simulated prom
               region (foreground on missed object, background on false positives), with the
               previous mask fed back as the mask prompt
 IoU is measured in the original image frame. Prints a table and writes <stem>.json (summary and
-per-instance IoUs) and <stem>.png (the click curve) into OUTDIR.
+per-instance IoUs) and <stem>.png (the click curve) into OUTDIR. --model takes SAM 1 (ViT, MobileSAM)
+and SAM 2 / 2.1 checkpoints (SAM 2's low-res logits are fed back as the reference predictor returns
+them, clamped to [-32, 32]).
 
 DATA is 'synthetic[:count=N,seed=S,size=PX]', a COCO instances .json (with --images DIR), a folder
 with images/ + labels/ (instance label-map PNGs), or an SA-1B folder (jpg + json pairs)."""
@@ -27,6 +29,7 @@ examples:
       --max-images 100 -o eval/
   anyseg eval --model runs/tiny/model.pth --data synthetic:count=100,seed=1000,size=128 -o eval/tiny
   anyseg eval --model vit_small_checkpoint.pth --data synthetic:count=40,seed=1000,size=256 --clicks 9
+  anyseg eval --model sam2.1_hiera_tiny.pt --data synthetic:count=40,seed=1000,size=256
   # the same checkpoint at 256 px (position tables resampled; 16x16 embedding grid)
   anyseg eval --model vit_small_checkpoint.pth --img-size 256 --data synthetic:count=40,seed=1000,size=256"""
 
@@ -60,6 +63,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json_atomic
+    from ..protocol import model_family
     from ..train.datasets import open_dataset
     from ..train.evaluate import EvalConfig, evaluate
     from ..train.plot import plot_curves
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         summary = result.summary()
-        record = {"model": str(args.model), "data": str(args.data), "img_size": model.img_size, "config": vars(cfg),
+        record = {"model": str(args.model), "family": model_family(model), "data": str(args.data),
+                  "img_size": model.img_size, "config": vars(cfg),
                   "summary": summary,
                   "per_instance": {"point_oracle": result.point_oracle, "point_confident": result.point_confident,
                                    "box": result.box, "clicks": result.curve}}

@@ -13,13 +13,15 @@ Writes into OUTDIR:
   <stem>_mask.png        the best mask (white = object), or <stem>_mask_<i>.png with --multimask
   <stem>_overlay.png     the image with the mask(s), points and box drawn on it
   <stem>.json            scores, mask boxes and areas, the prompt, the image size and the model
-Coordinates are pixels of the original image, X to the right, Y down."""
+Coordinates are pixels of the original image, X to the right, Y down. Works with SAM 1 (ViT, MobileSAM)
+and SAM 2 / 2.1 checkpoints alike."""
 
 EXAMPLES = """\
 examples:
   anyseg segment photo.jpg --point 420,310 -o out/
   anyseg segment photo.jpg --point 420,310 --point 380,120,0 --multimask -o out/
-  anyseg segment photo.jpg --box 100,80,620,540 --model sam_vit_b_01ec64.pth -o out/"""
+  anyseg segment photo.jpg --box 100,80,620,540 --model sam_vit_b_01ec64.pth -o out/
+  anyseg segment photo.jpg --point 420,310 --model sam2.1_hiera_tiny.pt -o out/"""
 
 
 def register(subparsers) -> None:
@@ -45,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json_atomic, write_png_atomic
     from ..imageio import load_image
     from ..masks import batched_mask_to_box
-    from ..predictor import SamPredictor
+    from ..protocol import make_predictor
     from ..visualize import overlay_masks
 
     if not args.point and args.box is None:
         raise ValueError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
     image = load_image(args.image)
     model = load_model_from_args(args)
-    predictor = SamPredictor(model)
+    predictor = make_predictor(model)
     predictor.set_image(image)
 
     coords = np.array([p[:2] for p in args.point], dtype=np.float64) if args.point else None
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     # With one click, SAM's three candidates resolve the ambiguity; ask for them and keep the best
     # unless all three are wanted.
     multimask = args.multimask or (box is None and len(args.point) == 1)
-    masks, scores, _ = predictor.predict(coords, labels, box, multimask_output=multimask)
+    masks, scores, _ = predictor.decode(coords, labels, box, multimask_output=multimask)
     order = np.argsort(-scores) if args.multimask else np.argsort(-scores)[:1]
     masks, scores = masks[order], scores[order]
 
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         "image": str(args.image),
         "image_size": {"height": int(image.shape[0]), "width": int(image.shape[1])},
         "model": str(args.model),
+        "family": predictor.family,
         "prompt": {"points": [] if coords is None else coords.tolist(),
                    "labels": [] if labels is None else labels.tolist(),
                    "box": None if box is None else box.tolist(), "multimask": bool(args.multimask)},

@@ -14,7 +14,8 @@ Serve the labelling app at http://HOST:PORT/ and the HTTP API under /api/v1 (Ope
 object, right-click (or Alt-click) on the background, drag a box; cycle the three candidate masks,
 undo / redo, accept objects with a label, segment everything, and export PNG masks, COCO JSON and
 polygons. Clicks are decoded in the browser (onnxruntime-web, after 'make web') once the decoder
-graph has been exported, else on the server.
+graph has been exported, else on the server. --model takes SAM 1 (ViT, MobileSAM) and SAM 2 / 2.1
+checkpoints; SAM 2 models always decode on the server (there is no browser decoder graph for them yet).
 
 Images are encoded once and cached by content hash (LRU bounded by --cache-mb). With --annotations,
 accepted objects are written to that COCO JSON file (atomically) after every change, and shown
@@ -28,6 +29,7 @@ EXAMPLES = """\
 examples:
   anyseg serve --model vit_b --images photos/ --annotations photos/labels.json
   anyseg serve --model sam_vit_b_01ec64.pth --port 8080 --token s3cret
+  anyseg serve --model sam2.1_hiera_tiny.pt --images photos/
   curl -F file=@photo.jpg http://127.0.0.1:8000/api/v1/images"""
 
 

@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
     cfg = load_config(args.config, overrides)
+    if cfg.model and _is_sam2_checkpoint(cfg.model):
+        raise ValueError(f"training SAM 2 models is not supported: {cfg.model} is a SAM 2 / 2.1 checkpoint. 'anyseg "
+                         "train' fine-tunes SAM 1 models (vit_b, vit_l, vit_h, vit_t, nano or a SAM 1 checkpoint "
+                         "file); a SAM 2 model can be used with 'anyseg segment', 'anyseg eval' and 'anyseg serve'")
     trainer = Trainer(cfg, resume=not args.fresh, progress=not args.quiet,
                       log=lambda msg: print(msg, file=sys.stderr))
     summary = trainer.fit()
@@ -96,3 +100,37 @@ def run(args: argparse.Namespace) -> int:
     if summary["exported"]:
         print(f"model: {summary['exported']}")
     return 0
+
+
+def _is_sam2_checkpoint(model: str) -> bool:
+    """Whether ``model`` (a checkpoint file or registry name) holds a SAM 2 model, told without loading it:
+    a file by its key names (the tensors are memory-mapped, not read), a registry name by its entry (no
+    download). False when that cannot be told (the trainer then reports whatever is wrong)."""
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    import torch
+
+    from ..hub import get_checkpoint_info
+    from ..sam2_checkpoint import is_sam2_state_dict
+
+    path = Path(model).expanduser()
+    if not path.is_file():
+        try:
+            info = get_checkpoint_info(model)
+        except ValueError:
+            return False
+        return info.config_name is not None  # only SAM 2 entries name a reference config
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return is_sam2_state_dict(list(f.keys()))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    if not isinstance(obj, Mapping):
+        return False
+    nested = [v for k, v in obj.items() if k in ("model", "state_dict") and isinstance(v, Mapping)]
+    return any(is_sam2_state_dict(sd) for sd in [obj, *nested])

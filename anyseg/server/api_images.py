@@ -16,8 +16,7 @@ def add_image_routes(app, engine, settings, auth: List, image_info: Callable) ->
     from .schemas import DecodedMask, DecodeRequest, DecodeResponse, EverythingMask, EverythingRequest
     from .schemas import EverythingResponse, ImageInfo
 
-    model = engine.model
-    low_res_side = int(model.prompt_encoder.mask_input_size[0])
+    low_res_side = int(engine.mask_input_size)
 
     def entry_or_404(image_id: str):
         entry = engine.cache.get(image_id)

@@ -95,7 +95,7 @@ async def _send_json(send, status: int, payload: Any) -> None:
 
 
 def create_app(model, settings: Optional[ServerSettings] = None):
-    """The ASGI app serving ``model`` (a :class:`~anyseg.Sam`) with ``settings``."""
+    """The ASGI app serving ``model`` (a SAM 1 or SAM 2 model from :func:`anyseg.load_model`) with ``settings``."""
     _require_fastapi()
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
@@ -107,7 +107,8 @@ def create_app(model, settings: Optional[ServerSettings] = None):
     from .. import __version__
     from .annotations import AnnotationStore
     from .cache import EmbeddingCache
-    from .engine import DECODER_OPSET, DecoderExport, Engine
+    from .engine import Engine
+    from .page_decoder import DECODER_OPSET, DecoderExport
     from .files import ImageFolder, OutsideFolderError
     from .schemas import DecoderInfo, ErrorResponse, FileEncodeRequest, FileList, Health, ImageInfo, ModelInfo
 
@@ -174,37 +175,21 @@ def create_app(model, settings: Optional[ServerSettings] = None):
     @app.get(f"{API}/models", response_model=list[ModelInfo], tags=["server"], dependencies=auth,
              summary="the model this server runs")
     def models():
-        g = model.prompt_encoder.image_embedding_size
-        return [ModelInfo(name=settings.model_name, loaded=True, encoder=type(model.image_encoder).__name__,
-                          img_size=model.img_size, embedding_shape=[1, 256, int(g[0]), int(g[1])],
+        return [ModelInfo(name=settings.model_name, loaded=True, family=engine.family,
+                          encoder=type(model.image_encoder).__name__, img_size=model.img_size,
+                          embedding_shape=[int(v) for v in engine.embedding_shape],
                           mask_threshold=float(model.mask_threshold))]
 
     @app.get(f"{API}/decoder", response_model=DecoderInfo, tags=["browser decoder"], dependencies=auth,
              summary="whether the page can decode prompts itself")
     def decoder_info():
         runtime = STATIC_DIR / "ort" / "ort.wasm.min.mjs"
-        g = model.prompt_encoder.image_embedding_size
-        side = model.prompt_encoder.mask_input_size[0]
-        dim = model.prompt_encoder.embed_dim
-        k = model.mask_decoder.num_mask_tokens
-        n = int(g[0]) * int(g[1])
-        first = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image
-        h = first.num_heads
-        d = first.q_proj.out_features // h
         return DecoderInfo(
             status=decoder.status, reason=decoder.reason, opset=DECODER_OPSET,
             url=f"{API}/decoder.onnx" if decoder.status == "ready" else None,
             cache_url=f"{API}/decoder-cache.onnx" if decoder.status == "ready" else None,
             runtime_url="/static/ort/ort.wasm.min.mjs" if runtime.is_file() else None,
-            cache_inputs={"image_embeddings": f"1x{dim}x{g[0]}x{g[1]}"},
-            inputs={"image_keys": f"1x{n}x{dim} (from the per-image graph)",
-                    "image_key_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
-                    "image_value_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
-                    "image_query_proj": f"1x{n}x{h * d} (from the per-image graph)",
-                    "point_coords": "1xNx2 (model frame)", "point_labels": "1xN",
-                    "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1"},
-            outputs={"iou_predictions": f"1x{k}", "low_res_masks": f"1x{k}x{side}x{side} (upscaled by the page)"},
-            img_size=int(model.img_size), mask_side=int(side),
+            img_size=int(model.img_size), mask_side=int(engine.mask_input_size), **decoder.describe(model),
         )
 
     def _graph_file(path, filename: str) -> FileResponse:

@@ -1,9 +1,10 @@
 """Image embeddings cached by image content hash, in an LRU bounded by memory (bytes).
 
 An entry holds what every later request about one image needs: the ``1 x 256 x g x g`` float32
-embedding, the decoded ``H x W x 3`` uint8 RGB pixels (for "segment everything" and for showing the
-image), and the two frames (original ``H x W`` and the model-frame ``h x w`` after resizing the long
-side). Both arrays count towards the bound. Concurrent requests for the same new image compute it
+embedding (plus, for models whose decoder needs more, e.g. SAM 2's high-resolution features, those
+arrays), the decoded ``H x W x 3`` uint8 RGB pixels (for "segment everything" and for showing the
+image), and the two frames (original ``H x W`` and the image's ``h x w`` extent in the model frame).
+All arrays count towards the bound. Concurrent requests for the same new image compute it
 once: the first caller encodes, the others wait for its result.
 
 This module is pure Python + numpy (no torch, no web framework).
@@ -30,8 +31,11 @@ class CacheEntry:
 
     id: the image content hash (hex). embedding: ``1 x C x g x g`` float32, C-contiguous.
     image: ``H x W x 3`` uint8 RGB (original frame). original_size: ``(H, W)``.
-    input_size: ``(h, w)``, the image resized so its long side is the model's input size.
+    input_size: ``(h, w)``, the image's extent in the model frame (SAM 1: resized so its long side is
+    the model's input size; SAM 2: the whole square).
     name: a display name (upload file name or path relative to the served folder).
+    state: the other float32 arrays the model family's decoder needs (empty for SAM 1; see
+    :class:`anyseg.protocol.EncodedImage`).
     """
 
     id: str
@@ -40,10 +44,12 @@ class CacheEntry:
     original_size: Tuple[int, int]
     input_size: Tuple[int, int]
     name: str = ""
+    state: Tuple[np.ndarray, ...] = ()
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "nbytes", int(self.embedding.nbytes + self.image.nbytes))
+        extra = sum(int(a.nbytes) for a in self.state)
+        object.__setattr__(self, "nbytes", int(self.embedding.nbytes + self.image.nbytes) + extra)
 
 
 class EmbeddingCache:

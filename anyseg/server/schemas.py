@@ -34,6 +34,7 @@ class Health(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     loaded: bool
+    family: str = Field(..., description="model family: sam (SAM 1, MobileSAM) or sam2 (SAM 2 / 2.1)")
     encoder: str
     img_size: int
     embedding_shape: List[int]
@@ -61,7 +62,8 @@ class ImageInfo(BaseModel):
     name: str = ""
     width: int
     height: int
-    input_width: int = Field(..., description="width in the model frame (long side = img_size)")
+    input_width: int = Field(..., description="width in the model frame (SAM 1: long side = img_size; SAM 2: "
+                             "img_size, the image is squashed to the square)")
     input_height: int
     embedding_shape: List[int]
     cached: bool = Field(..., description="true when the embedding came from the cache")

@@ -1,4 +1,5 @@
-"""Prompted-segmentation evaluation: 1-point, box and multi-click mIoU.
+"""Prompted-segmentation evaluation: 1-point, box and multi-click mIoU, for any model family (the
+model is used through :mod:`anyseg.protocol`).
 
 Protocol (IoU measured in the original image frame, masks = logits > 0):
 
@@ -18,11 +19,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 
-from ..geometry import boxes_to_model, coords_to_model, resized_shape
-from ..modeling.sam import Sam
+from ..protocol import ImagePredictor, make_predictor
 from .datasets import mask_boxes, select_masks
 
 
@@ -114,22 +113,14 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def _decode(model: Sam, embedding: torch.Tensor, points, boxes, mask_input, multimask: bool,
-            input_size, original_size):
-    sparse, dense = model.embed_prompts(points, boxes, mask_input)
-    low, iou = model.decode(embedding, sparse, dense, multimask)
-    masks = model.postprocess_masks(low, input_size, original_size) > model.mask_threshold
-    return masks.cpu().numpy(), iou.float().cpu().numpy(), low
-
-
 @torch.inference_mode()
-def evaluate(model: Sam, dataset, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> EvalResult:
-    """Evaluate ``model`` on ``dataset`` (items: :class:`~anyseg.train.datasets.Sample`)."""
+def evaluate(model, dataset, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> EvalResult:
+    """Evaluate ``model`` (SAM 1 or SAM 2, through :func:`anyseg.protocol.make_predictor`) on ``dataset``
+    (items: :class:`~anyseg.train.datasets.Sample`)."""
     if cfg.clicks < 1:
         raise ValueError(f"clicks must be >= 1, got {cfg.clicks}")
     model.eval()
-    device = model.device
-    dtype = next(model.parameters()).dtype
+    predictor = make_predictor(model)
     result = EvalResult()
     n_images = len(dataset) if cfg.max_images is None else min(len(dataset), cfg.max_images)
     bar = None
@@ -142,7 +133,7 @@ def evaluate(model: Sam, dataset, cfg: EvalConfig = EvalConfig(), progress: bool
         sample = dataset[index]
         keep = select_masks(sample.masks, cfg.max_instances, rng)
         if len(keep):
-            _eval_image(model, sample.image, sample.masks[keep], cfg, device, dtype, result)
+            _eval_image(predictor, sample.image, sample.masks[keep], cfg, result)
             result.images += 1
         if bar is not None:
             bar.update(1)
@@ -150,36 +141,31 @@ def evaluate(model: Sam, dataset, cfg: EvalConfig = EvalConfig(), progress: bool
                 bar.set_postfix(point=f"{np.mean(result.point_confident):.3f}", box=f"{np.mean(result.box):.3f}")
     if bar is not None:
         bar.close()
+    predictor.reset()
     return result
 
 
-def _eval_image(model: Sam, image: np.ndarray, gts: np.ndarray, cfg: EvalConfig, device, dtype,
+def _eval_image(predictor: ImagePredictor, image: np.ndarray, gts: np.ndarray, cfg: EvalConfig,
                 result: EvalResult) -> None:
-    h, w = image.shape[:2]
-    new_h, new_w = resized_shape(h, w, model.img_size)
-    resized = np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-    x = torch.as_tensor(resized, device=device).permute(2, 0, 1).to(dtype)[None]
-    embedding = model.encode_image(model.preprocess(x))
-    sizes = ((new_h, new_w), (h, w))
+    predictor.set_image(image)
     for start in range(0, len(gts), cfg.batch_size):
         gt = gts[start:start + cfg.batch_size]
         b = len(gt)
+        rows = np.arange(b)
         clicks = [[(*farthest_from_boundary(m), 1)] for m in gt]
         # 1 point, three outputs
-        pts = _points(clicks, (h, w), model.img_size, device, dtype)
-        masks, iou, low = _decode(model, embedding, pts, None, None, True, *sizes)
+        masks, iou, low = predictor.decode_batch(*_points(clicks), multimask_output=True)
         ious = np.stack([_iou(masks[i], gt[i]) for i in range(b)])
         best = iou.argmax(axis=1)
         result.point_oracle += ious.max(axis=1).tolist()
-        result.point_confident += ious[np.arange(b), best].tolist()
+        result.point_confident += ious[rows, best].tolist()
         # box, one output
-        boxes = torch.as_tensor(boxes_to_model(mask_boxes(gt), (h, w), model.img_size), device=device, dtype=dtype)
-        bmasks, _, _ = _decode(model, embedding, None, boxes, None, False, *sizes)
+        bmasks = predictor.decode_batch(boxes=mask_boxes(gt), multimask_output=False).masks
         result.box += [float(_iou(bmasks[i, 0], gt[i])) for i in range(b)]
         # clicks
-        curve = [ious[np.arange(b), best]]
-        pred = masks[np.arange(b), best]
-        prev = low[torch.arange(b, device=low.device), torch.as_tensor(best, device=low.device)][:, None]
+        curve = [ious[rows, best]]
+        pred = masks[rows, best]
+        prev = low[rows, best][:, None]
         active = np.ones(b, bool)
         for _ in range(cfg.clicks - 1):
             for i in range(b):
@@ -189,21 +175,19 @@ def _eval_image(model: Sam, image: np.ndarray, gts: np.ndarray, cfg: EvalConfig,
                     clicks[i].append((0, 0, -1))  # padding: keeps the batch rectangular, result unused
                 else:
                     clicks[i].append(click)
-            pts = _points(clicks, (h, w), model.img_size, device, dtype)
-            new_masks, _, new_low = _decode(model, embedding, pts, None, prev if cfg.feed_logits else None, False,
-                                            *sizes)
+            new_masks, _, new_low = predictor.decode_batch(*_points(clicks), multimask_output=False,
+                                                           mask_input=prev if cfg.feed_logits else None)
             step = curve[-1].copy()
             for i in np.flatnonzero(active):
                 step[i] = _iou(new_masks[i, 0], gt[i])
                 pred[i] = new_masks[i, 0]
-            keep = torch.as_tensor(active, device=prev.device)[:, None, None, None]
-            prev = torch.where(keep, new_low, prev)
+            prev = np.where(active[:, None, None, None], new_low, prev)
             curve.append(step)
         result.curve += np.stack(curve, axis=1).tolist()
 
 
-def _points(clicks, original_size, img_size, device, dtype):
+def _points(clicks) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-object click lists (all of one length) -> ``B x N x 2`` XY and ``B x N`` labels."""
     coords = np.array([[c[:2] for c in cs] for cs in clicks], dtype=np.float64)
     labels = np.array([[c[2] for c in cs] for cs in clicks], dtype=np.int64)
-    coords = coords_to_model(coords, original_size, img_size)
-    return (torch.as_tensor(coords, device=device, dtype=dtype), torch.as_tensor(labels, device=device))
+    return coords, labels
