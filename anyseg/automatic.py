@@ -169,7 +169,7 @@ class MaskGenerator:
         *,
         max_chunk_pixels: int = DEFAULT_MAX_CHUNK_PIXELS,
     ) -> None:
-        self.predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
+        self.predictor = self._make_predictor(model)
         self.crop_n_layers = _check_int("crop_n_layers", crop_n_layers, 0)
         self.crop_n_points_downscale_factor = _check_int(
             "crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1
@@ -199,9 +199,23 @@ class MaskGenerator:
         self.progress = bool(progress)
         self.max_chunk_pixels = _check_int("max_chunk_pixels", max_chunk_pixels, 1)
 
+    #: dtype of the prompt points in crop pixels (it decides the exact ``point_coords`` of the records).
+    _points_dtype = torch.float64
+    #: whether a model with fast paths switched on may use :mod:`anyseg.fast.amg` for the batch step.
+    _fast_batch = True
+
     @property
     def model(self):
         return self.predictor.model
+
+    @property
+    def _mask_threshold(self) -> float:
+        """Logit threshold for binarising masks (and the centre of the stability score)."""
+        return self.model.mask_threshold
+
+    @staticmethod
+    def _make_predictor(model):
+        return model if isinstance(model, SamPredictor) else SamPredictor(model)
 
     def _check_point_grids(self, point_grids) -> List[np.ndarray]:
         if not isinstance(point_grids, (list, tuple)):
@@ -236,14 +250,16 @@ class MaskGenerator:
             pixels), ``stability_score``, ``crop_box`` (XYWH, image pixels).
         """
         image = self._check_image(image)
-        data = self._generate_masks(image)
-        if self.min_mask_region_area > 0:
-            data = self._remove_small_regions(
-                data, image.shape[:2], self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
-            )
+        data = self._postprocess_small_regions(self._generate_masks(image), image.shape[:2])
         return self._records(data, image.shape[:2])
 
     # ------------------------------------------------------------------------------------- internals
+    def _postprocess_small_regions(self, data: _Proposals, orig_size: Tuple[int, int]) -> _Proposals:
+        if self.min_mask_region_area <= 0:
+            return data
+        return self._remove_small_regions(data, orig_size, self.min_mask_region_area,
+                                          max(self.box_nms_thresh, self.crop_nms_thresh))
+
     @staticmethod
     def _check_image(image) -> np.ndarray:
         if isinstance(image, np.ndarray):
@@ -305,13 +321,16 @@ class MaskGenerator:
             parts.append(self._process_batch(points[start : start + batch], crop_size, crop_box, orig_size))
             if bar is not None:
                 bar.update(1)
-        self.predictor.reset_image()
+        self._reset_predictor()
 
         data = _Proposals.cat(parts)
         data = data.select(nms(data.boxes.float(), data.iou_preds, self.box_nms_thresh))
         data.boxes = uncrop_boxes_xyxy(data.boxes, crop_box)
         data.points = uncrop_points(data.points, crop_box)
         return data
+
+    def _reset_predictor(self) -> None:
+        self.predictor.reset_image()
 
     def _decode_low_res(self, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``B x 2`` crop-pixel points -> low-res logits ``B x 3 x 256 x 256`` and IoU ``B x 3``.
@@ -327,14 +346,19 @@ class MaskGenerator:
         low_res, iou = model.decode(features, sparse.to(features.dtype), dense.to(features.dtype), True)
         return low_res.float(), iou.float()
 
+    def _upscale_low_res(self, low_res: torch.Tensor, crop_size: Tuple[int, int]) -> torch.Tensor:
+        """``M x 256 x 256`` low-res logits -> ``M x h x w`` logits at crop size."""
+        return self.model.postprocess_masks(low_res[:, None], self.predictor.input_size, crop_size)[:, 0]
+
     def _process_batch(self, points: np.ndarray, crop_size: Tuple[int, int], crop_box: List[int],
                        orig_size: Tuple[int, int]) -> _Proposals:
         config = get_config(self.model)
-        if config is not None and (config.fast_decoder or config.fast_postprocess or config.amg_device_masks):
+        fast = config is not None and (config.fast_decoder or config.fast_postprocess or config.amg_device_masks)
+        if fast and self._fast_batch:
             from .fast.amg import process_batch
 
             return process_batch(self, points, crop_size, crop_box, orig_size)
-        points_t = torch.as_tensor(points, dtype=torch.float64)
+        points_t = torch.as_tensor(points, dtype=self._points_dtype)
         low_res, iou = self._decode_low_res(points_t)
         k = low_res.shape[1]
         low_res = low_res.flatten(0, 1)  # the k masks of a point stay consecutive
@@ -363,19 +387,19 @@ class MaskGenerator:
         ``upscale`` (low-res logits -> crop-size logits) and ``encode_rle`` (full-image masks -> run
         lengths) default to the reference steps; fast paths pass equivalent replacements.
         """
-        model = self.model
         if upscale is None:
-            logits = model.postprocess_masks(low_res[:, None], self.predictor.input_size, crop_size)[:, 0]
+            logits = self._upscale_low_res(low_res, crop_size)
         else:
             logits = upscale(low_res)
-        stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
+        threshold = self._mask_threshold
+        stability = calculate_stability_score(logits, threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:
             keep = (stability >= self.stability_score_thresh).nonzero().flatten()
             keep_cpu = keep.cpu()
             logits, iou, points, stability = logits[keep], iou[keep_cpu], points[keep_cpu], stability[keep]
         stability = stability.cpu()
 
-        masks = logits > model.mask_threshold
+        masks = logits > threshold
         del logits
         boxes = batched_mask_to_box(masks).cpu()
         orig_h, orig_w = orig_size

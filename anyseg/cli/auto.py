@@ -18,8 +18,8 @@ _OVERLAY_PIXEL_BUDGET = 1 << 26  # mask pixels decoded at once when drawing an o
 
 DESCRIPTION = f"""\
 Segment everything: prompt SAM with a grid of points over each image (optionally over crops too) and
-keep the good, distinct masks (SamAutomaticMaskGenerator). INPUT is any number of image files, folders
-(searched recursively) and glob patterns.
+keep the good, distinct masks (SamAutomaticMaskGenerator; SAM2AutomaticMaskGenerator for a SAM 2 / 2.1
+model). INPUT is any number of image files, folders (searched recursively) and glob patterns.
 
 Outputs go to OUTDIR under each image's path relative to the inputs' common folder, without its
 extension (BASE below; 'a.jpg' and 'a.png' side by side become 'a_jpg' and 'a_png'):
@@ -45,6 +45,7 @@ examples:
   anyseg auto dataset/ -o out/ --format coco --coco-segmentation polygon --polygon-tolerance 1
   anyseg auto big.tif -o out/ --crop-n-layers 1 --crop-n-points-downscale-factor 2 \\
       --min-mask-region-area 100 --points-per-batch 128 --device cuda
+  anyseg auto photos/ -o masks/ --model sam2.1_hiera_tiny.pt --use-m2m
   anyseg auto photos/ -o masks/      # run again: finished images are skipped"""
 
 
@@ -80,11 +81,15 @@ def _formats_arg(text: str) -> List[str]:
     return names
 
 
-#: (option, MaskGenerator parameter, type, default, help)
+#: The generators' own defaults, which differ between model families.
+FAMILY_DEFAULTS = {"pred_iou_thresh": {"sam": 0.88, "sam2": 0.8}}
+_FAMILY_NAMES = {"sam": "SAM 1", "sam2": "SAM 2"}
+
+#: (option, MaskGenerator parameter, type, default, help); a default of None means the family's default.
 GENERATOR_OPTIONS = (
     ("--points-per-side", "points_per_side", _positive_int, 32, "grid points per image side (N x N prompts)"),
     ("--points-per-batch", "points_per_batch", _positive_int, 64, "prompts decoded together (speed/memory only)"),
-    ("--pred-iou-thresh", "pred_iou_thresh", float, 0.88, "keep masks whose predicted IoU is above this (<= 0: off)"),
+    ("--pred-iou-thresh", "pred_iou_thresh", float, None, "keep masks whose predicted IoU is above this (<= 0: off)"),
     ("--stability-score-thresh", "stability_score_thresh", float, 0.95,
      "keep masks whose stability score is at least this (<= 0: off)"),
     ("--stability-score-offset", "stability_score_offset", _non_negative(float), 1.0,
@@ -96,7 +101,8 @@ GENERATOR_OPTIONS = (
     ("--crop-n-points-downscale-factor", "crop_n_points_downscale_factor", _positive_int, 1,
      "crop layer i uses points-per-side / factor^i points per side"),
     ("--min-mask-region-area", "min_mask_region_area", _non_negative(float), 0,
-     "fill holes / remove islands smaller than this many pixels (0: off)"),
+     "fill holes / remove islands smaller than this many pixels (0: off; SAM 2: pixels of the 256 x 256 "
+     "low-res masks)"),
 )
 
 
@@ -119,10 +125,17 @@ def register(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = parser.add_argument_group("generator options (as in SamAutomaticMaskGenerator)")
     for flag, dest, kind, default, text in GENERATOR_OPTIONS:
-        shown = f"{default:.4g}" if isinstance(default, float) else str(default)
-        metavar = "X" if isinstance(default, float) else "N"
+        if default is None:
+            shown = ", ".join(f"{v:.4g} for {_FAMILY_NAMES[f]}" for f, v in FAMILY_DEFAULTS[dest].items())
+        else:
+            shown = f"{default:.4g}" if isinstance(default, float) else str(default)
+        metavar = "X" if isinstance(default, float) or kind is float else "N"
         group.add_argument(flag, dest=dest, type=kind, default=default, metavar=metavar,
                            help=f"{text} (default: {shown})")
+    group.add_argument("--use-m2m", action="store_true",
+                       help="SAM 2 only: refine every mask with a second decoder pass prompted by its own mask")
+    group.add_argument("--single-mask", action="store_true",
+                       help="SAM 2 only: one mask per point instead of three (multimask_output=False)")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -202,7 +215,8 @@ def output_files(base: str, formats: Sequence[str], overlay: bool) -> List[str]:
 # --------------------------------------------------------------------------------------- per image
 def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     settings = {dest: getattr(args, dest) for _, dest, *_ in GENERATOR_OPTIONS}
-    settings.update(model=str(args.model), polygon_tolerance=args.polygon_tolerance)
+    settings.update(model=str(args.model), polygon_tolerance=args.polygon_tolerance, use_m2m=args.use_m2m,
+                    multimask_output=not args.single_mask)
     return settings
 
 
@@ -339,8 +353,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _make_generator(args: argparse.Namespace):
-    from ..automatic import MaskGenerator
+    from ..protocol import make_predictor, model_family
 
     model = load_model_from_args(args)
+    family = model_family(model)
     options = {dest: getattr(args, dest) for _, dest, *_ in GENERATOR_OPTIONS}
-    return MaskGenerator(model, output_mode="coco_rle", **options)
+    for dest, defaults in FAMILY_DEFAULTS.items():
+        if options[dest] is None:
+            options[dest] = defaults[family]
+    if family == "sam2":
+        options.update(use_m2m=args.use_m2m, multimask_output=not args.single_mask)
+    elif args.use_m2m or args.single_mask:
+        raise ValueError(f"--use-m2m and --single-mask apply to SAM 2 models only; {args.model} is a "
+                         f"{_FAMILY_NAMES.get(family, family)} model")
+    return make_predictor(model).mask_generator(output_mode="coco_rle", **options)
