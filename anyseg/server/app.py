@@ -253,6 +253,9 @@ def create_app(model, settings: Optional[ServerSettings] = None):
 
     add_image_routes(app, engine, settings, auth, image_info)
     add_annotation_routes(app, engine, store, auth)
+    from .api_videos import add_video_routes
+
+    add_video_routes(app, model, engine, settings, auth)
 
     # ------------------------------------------------------------------------------- browser app
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
