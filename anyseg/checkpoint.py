@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .config import (MaskDecoderConfig, PromptEncoderConfig, SamConfig, TinyViTConfig, ViTConfig)
+from .config import (HQConfig, MaskDecoderConfig, PromptEncoderConfig, SamConfig, TinyViTConfig, ViTConfig)
 from .modeling.sam import Sam, build_sam
 
 StateDict = Dict[str, torch.Tensor]
@@ -187,9 +187,28 @@ def infer_config(sd: Mapping[str, torch.Tensor], *, img_size: Optional[int] = No
             iou_head_depth=_count(sd, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
             iou_head_hidden_dim=sd[dec + "iou_prediction_head.layers.0.weight"].shape[0],
         )
+        hq = _infer_hq(sd, encoder)
     except KeyError as exc:
         raise CheckpointError(f"incomplete SAM checkpoint: key {exc.args[0]!r} is missing") from exc
-    return SamConfig(encoder=encoder, prompt=prompt, decoder=decoder)
+    return SamConfig(encoder=encoder, prompt=prompt, decoder=decoder, hq=hq)
+
+
+def _infer_hq(sd: Mapping[str, torch.Tensor], encoder) -> Optional[HQConfig]:
+    """HQ-SAM iff ``mask_decoder.hf_token.weight`` is present (spec/hq_sam.md §1); its ``vit_dim`` must be
+    the channel count of the encoder feature the HQ decoder reads."""
+    if "mask_decoder.hf_token.weight" not in sd:
+        return None
+    vit_dim = sd["mask_decoder.compress_vit_feat.0.weight"].shape[0]
+    if isinstance(encoder, ViTConfig):
+        expected, where = encoder.embed_dim, "the ViT embed dim"
+    else:
+        if len(encoder.embed_dims) < 3:
+            raise CheckpointError("HQ-SAM needs a TinyViT with at least three stages")
+        expected, where = encoder.embed_dims[2], "TinyViT's third stage width"
+    if vit_dim != expected:
+        raise CheckpointError(f"malformed HQ-SAM checkpoint: mask_decoder.compress_vit_feat.0.weight takes "
+                              f"{vit_dim} channels, but {where} is {expected}")
+    return HQConfig(vit_dim=vit_dim)
 
 
 def check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
@@ -255,10 +274,14 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
     path = resolve_checkpoint(path_or_name)
     sd = read_state_dict(path)
     source = str(path)
-    family_model = _load_other_family(sd, path, config=config, video=video, img_size=img_size, speed=speed)
+    family_model = _load_other_family(sd, path, config=config, video=video, img_size=img_size)
     if family_model is not None:
         if device is not None or dtype is not None:
             family_model.to(device=device, dtype=dtype)
+        if speed is not None:
+            from .speed import apply, resolve
+
+            apply(family_model, resolve(speed, family_model.device))
         return family_model
     if video:
         raise ValueError(f"video=True needs a SAM 2 checkpoint; {source} is a SAM 1 checkpoint")
@@ -283,7 +306,7 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
     return model
 
 
-def _load_other_family(sd: StateDict, path: Path, *, config, video: bool, img_size: Optional[int], speed):
+def _load_other_family(sd: StateDict, path: Path, *, config, video: bool, img_size: Optional[int]):
     """The model of a state dict of another family than SAM 1 (SAM 2 / 2.1), or None for SAM 1."""
     from .sam2_checkpoint import is_sam2_state_dict, sam2_model_from_state_dict
 
@@ -292,12 +315,6 @@ def _load_other_family(sd: StateDict, path: Path, *, config, video: bool, img_si
     if img_size is not None:
         raise NotImplementedError(f"{path} is a SAM 2 checkpoint: img_size is not supported for SAM 2 (the "
                                   "models run at their configured image_size)")
-    if speed is not None and speed != "faithful":
-        from .speed import SpeedConfig
-
-        if not (isinstance(speed, SpeedConfig) and speed.is_faithful):
-            raise NotImplementedError(f"{path} is a SAM 2 checkpoint: speed={speed!r} is not available for SAM 2 "
-                                      "yet; load it with speed=None (the faithful float32 path)")
     return sam2_model_from_state_dict(sd, config=config, video=video, checkpoint_path=path)
 
 

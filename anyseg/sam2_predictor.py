@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import speed
 from .masks import small_components
 from .modeling.sam2 import Sam2, Sam2Features
 from .prompts import ImageNotSetError
@@ -81,6 +82,7 @@ class SAM2ImagePredictor:
         self._encoded: Optional[Sam2Features] = None
         self._orig_hw: List[Tuple[int, int]] = []
         self._is_batch = False
+        self._fast_decoder = None  # (image index, anyseg.fast.sam2.Sam2FastDecoder) of the fast paths
 
     @property
     def is_image_set(self) -> bool:
@@ -102,7 +104,10 @@ class SAM2ImagePredictor:
         rgb = _as_rgb(image)
         self._orig_hw = [tuple(int(v) for v in rgb.shape[:2])]
         x = sam2_image_to_tensor(rgb, self.model)[None]
-        self._set_features(self.model.encode_image(x))
+        self._set_features(self._encode(x))
+        config = speed.get_config(self.model)
+        if config is not None and config.fast_decoder:
+            self.fast_decoder(0)  # the prompt-independent decoder work, once per image
 
     @torch.inference_mode()
     def set_image_batch(self, image_list: Sequence[np.ndarray]) -> None:
@@ -113,8 +118,16 @@ class SAM2ImagePredictor:
         rgbs = [_as_rgb(image) for image in image_list]
         self._orig_hw = [tuple(int(v) for v in rgb.shape[:2]) for rgb in rgbs]
         x = torch.stack([sam2_image_to_tensor(rgb, self.model) for rgb in rgbs])
-        self._set_features(self.model.encode_image(x))
+        self._set_features(self._encode(x))
         self._is_batch = True
+
+    def _encode(self, x: torch.Tensor) -> Sam2Features:
+        """The model's image encoder, through its fast paths when :mod:`anyseg.speed` set any."""
+        if getattr(self.model, "speed_runtime", None) is None:
+            return self.model.encode_image(x)
+        from .fast.sam2 import encode
+
+        return encode(self.model, x)
 
     def set_features(self, features: Sam2Features, original_size: Tuple[int, int]) -> None:
         """Use features computed elsewhere (one image, ``1 x ...``) with its original size (H, W)."""
@@ -124,6 +137,7 @@ class SAM2ImagePredictor:
 
     def _set_features(self, features: Sam2Features) -> None:
         self._encoded = features
+        self._fast_decoder = None
         embed = self.model.image_embedding(features)
         # The reference's layout, which some user code reads.
         self._features = {"image_embed": embed, "high_res_feats": list(features.high_res)}
@@ -274,17 +288,52 @@ class SAM2ImagePredictor:
                 points = (torch.cat([corners, points[0]], dim=1), torch.cat([corner_labels, points[1]], dim=1))
             else:
                 points = (corners, corner_labels)
-        sparse, dense = self.model.embed_prompts(points, mask_input)
         features = self._encoded
         idx = img_idx % features.vision.shape[0]
-        embed = self._features["image_embed"][idx : idx + 1]
-        high_res = tuple(f[idx : idx + 1] for f in features.high_res)
-        low_res, iou, _, _ = self.model.decode(embed, high_res, sparse, dense, multimask_output)
-        masks = self.postprocess_masks(low_res, self._orig_hw[img_idx])
+        config = speed.get_config(self.model)
+        if config is not None and config.fast_decoder:
+            # A mask prompt goes in before the prompt encoder's last (1 x 1) layer: the fast decoder folds
+            # that layer into its per-image cache.
+            sparse, _ = self.model.embed_prompts(points, None)
+            hidden = None
+            if mask_input is not None:
+                hidden = self.model.sam_prompt_encoder.mask_features(mask_input)
+                b = max(sparse.shape[0], hidden.shape[0])
+                sparse = sparse.expand(b, -1, -1)
+                hidden = hidden.expand(b, -1, -1, -1)
+            with speed.decoder_autocast(self.model):
+                low_res, iou = self.fast_decoder(idx)(sparse, None, multimask_output, mask_hidden=hidden)
+            low_res, iou = low_res.float(), iou.float()
+        else:
+            sparse, dense = self.model.embed_prompts(points, mask_input)
+            embed = self._features["image_embed"][idx : idx + 1]
+            high_res = tuple(f[idx : idx + 1] for f in features.high_res)
+            low_res, iou, _, _ = self.model.decode(embed, high_res, sparse, dense, multimask_output)
+        threshold = None if return_logits else self.mask_threshold
+        masks = self._postprocess(low_res, self._orig_hw[img_idx], threshold,
+                                  fast=config is not None and config.fast_postprocess)
         low_res = torch.clamp(low_res, -32.0, 32.0)
-        if not return_logits:
-            masks = masks > self.mask_threshold
         return masks, iou, low_res
+
+    def fast_decoder(self, img_idx: int = 0):
+        """The :class:`anyseg.fast.sam2.Sam2FastDecoder` for image ``img_idx`` of the current image(s),
+        with its per-image work done (kept for the last image asked for)."""
+        self._require_image()
+        if self._fast_decoder is None or self._fast_decoder[0] != img_idx:
+            from .fast.decoder import CPU_UPSCALE_CHUNK
+            from .fast.sam2 import Sam2FastDecoder
+
+            model = self.model
+            prompt = model.sam_prompt_encoder
+            chunk = {"upscale_chunk": CPU_UPSCALE_CHUNK} if self.device.type == "cpu" else {}
+            decoder = Sam2FastDecoder(model.sam_mask_decoder, prompt.get_dense_pe(), prompt.no_mask_embed.weight,
+                                      mask_projection=prompt.mask_projection, **chunk)
+            features = self._encoded
+            with torch.inference_mode(), speed.decoder_autocast(model):
+                decoder.set_image(self._features["image_embed"][img_idx : img_idx + 1],
+                                  high_res=tuple(f[img_idx : img_idx + 1] for f in features.high_res))
+            self._fast_decoder = (img_idx, decoder)
+        return self._fast_decoder[1]
 
     # Reference name of the model-frame entry point.
     _predict = predict_torch
@@ -292,7 +341,23 @@ class SAM2ImagePredictor:
     def postprocess_masks(self, low_res: torch.Tensor, orig_hw: Tuple[int, int]) -> torch.Tensor:
         """Low-res logits ``B x k x 256 x 256`` -> ``B x k x H x W`` (optional small-region clean-up,
         then bilinear straight to the original size)."""
-        masks = low_res.float()
+        return self._postprocess(low_res, orig_hw)
+
+    def _postprocess(self, low_res: torch.Tensor, orig_hw: Tuple[int, int], threshold: Optional[float] = None,
+                     fast: bool = False) -> torch.Tensor:
+        """:meth:`postprocess_masks`, then ``> threshold`` when given; ``fast``: the resize as one banded
+        resampling (:meth:`anyseg.fast.resize.MaskResizer.direct`, the same values to rounding)."""
+        masks = self._clean(low_res.float())
+        if fast:
+            from .fast.resize import get_direct_resizer
+
+            return get_direct_resizer(masks.shape[-1], tuple(orig_hw))(masks, threshold)
+        masks = F.interpolate(masks, tuple(orig_hw), mode="bilinear", align_corners=False)
+        return masks if threshold is None else masks > threshold
+
+    def _clean(self, masks: torch.Tensor) -> torch.Tensor:
+        """The optional small-region clean-up of the low-res logits (``max_hole_area``,
+        ``max_sprinkle_area``)."""
         if self.max_hole_area > 0 or self.max_sprinkle_area > 0:
             original = masks
             if self.max_hole_area > 0:
@@ -301,4 +366,4 @@ class SAM2ImagePredictor:
             if self.max_sprinkle_area > 0:
                 sprinkles = small_components(original > self.mask_threshold, self.max_sprinkle_area)
                 masks = torch.where(sprinkles, self.mask_threshold - 10.0, masks)
-        return F.interpolate(masks, tuple(orig_hw), mode="bilinear", align_corners=False)
+        return masks

@@ -254,7 +254,7 @@ def onednn_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
     ``nn.Linear`` run as an :class:`anyseg.fast.onednn.PackedLinear`; in the MLPs
     (:class:`~anyseg.modeling.common.MLPBlock`, TinyViT's ``Mlp``) the activation (exact GELU or ReLU)
     is fused into the first layer."""
-    from .modeling.common import MLPBlock
+    from .modeling.common import MLP, MLPBlock
     from .modeling.tiny_vit import Mlp
 
     onednn = _onednn()
@@ -262,6 +262,13 @@ def onednn_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
     twin = copy.deepcopy(encoder, memo)
     fused = {MLPBlock: ("lin1", "act"), Mlp: ("fc1", "act")}
     for module in list(twin.modules()):
+        if type(module) is MLP and len(module.layers) == 2 and not module.sigmoid_output:
+            # Hiera's MLPs (layers.0 -> act -> layers.1): the activation runs only after the first layer.
+            activation = onednn.activation_name(module.act)
+            if activation is not None and type(module.layers[0]) is torch.nn.Linear:
+                module.layers[0] = onednn.PackedLinear(module.layers[0], activation)
+                module.act = torch.nn.Identity()
+            continue
         names = fused.get(type(module))
         if names is None:
             continue
@@ -324,6 +331,13 @@ def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch
     islands = float32_modules(model, config)
     if islands:
         encoder = _with_float32(encoder if encoder is not model.image_encoder else copy.deepcopy(encoder), islands)
+    if getattr(model, "family", "sam") == "sam2":
+        # SAM 2: the trunk (or its copy) inside the fast encoder (anyseg.fast.sam2), which also runs the
+        # neck and the decoder's high-resolution projections, and autocasts the trunk itself.
+        from .fast.sam2 import fast_encoder
+
+        dtype = None if config.int8_encoder else config.encoder_dtype
+        encoder = fast_encoder(model, encoder, dtype=dtype, cast=config.encoder_cast)
     if config.compile:
         encoder = torch.compile(encoder, mode=config.compile_mode, dynamic=False)
     model.speed_config = None if config.is_faithful else config
@@ -421,6 +435,9 @@ def encode(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Encode preprocessed ``B x 3 x S x S`` images with the model's fast paths -> ``B x 256 x g x g``
     (float32 unless the model's parameters are of another dtype)."""
     runtime = getattr(model, "speed_runtime", None)
+    if getattr(model, "family", "sam") == "sam2":
+        raise TypeError("anyseg.speed.encode is for SAM 1 models; SAM 2 features come from "
+                        "anyseg.fast.sam2.encode (or SAM2ImagePredictor.set_image)")
     param_dtype = next(model.parameters()).dtype
     with ieee_float32(x.device):
         if runtime is None:

@@ -113,10 +113,24 @@ class MaskResizer:
         (h, w), (oh, ow) = input_size, original_size
         if not (0 < h <= side and 0 < w <= side and oh > 0 and ow > 0):
             raise ValueError(f"bad sizes: input {input_size} inside {side} x {side}, original {original_size}")
-        self.rows = _Banded(composed_matrix(low, side, h, oh), block)
-        self.cols = _Banded(composed_matrix(low, side, w, ow), block)
+        self._set(low, composed_matrix(low, side, h, oh), composed_matrix(low, side, w, ow), block)
+
+    def _set(self, low: int, rows: torch.Tensor, cols: torch.Tensor, block: int) -> None:
+        self.rows = _Banded(rows, block)
+        self.cols = _Banded(cols, block)
         self.low = low
-        self.original_size = (oh, ow)
+        self.original_size = (rows.shape[0], cols.shape[0])
+
+    @classmethod
+    def direct(cls, low: int, original_size: Tuple[int, int], block: int = 32) -> "MaskResizer":
+        """One bilinear resize (``align_corners=False``) of ``L x L`` logits straight to ``H x W``, as
+        SAM 2 post-processes its masks (no padding to crop)."""
+        oh, ow = original_size
+        if not (low > 0 and oh > 0 and ow > 0):
+            raise ValueError(f"bad sizes: low-res side {low}, original {original_size}")
+        resizer = cls.__new__(cls)
+        resizer._set(low, bilinear_matrix(low, oh), bilinear_matrix(low, ow), block)
+        return resizer
 
     def __call__(self, logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         """``... x L x L`` float logits -> ``... x H x W`` logits (same dtype), or with ``threshold`` the
@@ -130,3 +144,9 @@ class MaskResizer:
 def get_resizer(low: int, side: int, input_size: Tuple[int, int], original_size: Tuple[int, int]) -> MaskResizer:
     """A cached :class:`MaskResizer` for one geometry."""
     return MaskResizer(low, side, tuple(input_size), tuple(original_size))
+
+
+@lru_cache(maxsize=32)
+def get_direct_resizer(low: int, original_size: Tuple[int, int]) -> MaskResizer:
+    """A cached :meth:`MaskResizer.direct` for one geometry."""
+    return MaskResizer.direct(low, tuple(original_size))
