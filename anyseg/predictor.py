@@ -11,15 +11,15 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .geometry import boxes_to_model, boxes_to_model_torch, coords_to_model, resized_shape
+from .geometry import boxes_to_model, boxes_to_model_torch, coords_to_model
 from . import speed
 from .fast.decoder import CPU_UPSCALE_CHUNK, FastDecoder
 from .fast.resize import get_resizer
 from .modeling.sam import Sam
 from .prompts import ImageNotSetError, check_boxes, check_mask_input, check_points
 from .speed import get_config
+from .utils.transforms import ResizeLongestSide
 
 
 class Prediction(NamedTuple):
@@ -39,6 +39,9 @@ class SamPredictor:
 
     def __init__(self, sam_model: Sam) -> None:
         self.model = sam_model
+        #: The reference's resize helper for this model's input size: ``transform.apply_coords`` /
+        #: ``apply_boxes_torch`` map original-image prompts to the frame :meth:`predict_torch` takes.
+        self.transform = ResizeLongestSide(sam_model.img_size)
         self.reset_image()
 
     # ----------------------------------------------------------------------------------------- image
@@ -57,8 +60,7 @@ class SamPredictor:
 
     def transform_image(self, image: np.ndarray) -> np.ndarray:
         """``H x W x 3`` uint8 -> the image resized (PIL bilinear) so its long side is the model's input."""
-        new_h, new_w = resized_shape(image.shape[0], image.shape[1], self.model.img_size)
-        return np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        return self.transform.apply_image(image)
 
     @torch.inference_mode()
     def set_image(self, image, image_format: str = "RGB") -> None:
