@@ -15,7 +15,12 @@ _EXPORTS = {
     "ViTConfig": "config",
     "TinyViTConfig": "config",
     "Sam": "modeling.sam",
-    "build_sam": "modeling.sam",
+    "build_sam": "dropin",
+    "sam_model_registry": "dropin",
+    "build_sam_vit_h": "dropin",
+    "build_sam_vit_l": "dropin",
+    "build_sam_vit_b": "dropin",
+    "build_sam_vit_t": "dropin",
     "SamPredictor": "predictor",
     "Prediction": "predictor",
     "ImageNotSetError": "prompts",
@@ -31,6 +36,7 @@ _EXPORTS = {
     "Sam2": "modeling.sam2",
     "SAM2VideoPredictor": "video.predictor",
     "SAM2AutomaticMaskGenerator": "sam2_automatic",
+    "make_predictor": "protocol",
 }
 
 
