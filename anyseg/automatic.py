@@ -147,6 +147,8 @@ class MaskGenerator:
         progress: show a tqdm progress bar over crops x batches.
         max_chunk_pixels: pixel budget for upscaling masks (keyword only); lower it to use less memory.
             Results do not depend on it.
+        hq_token_only: HQ-SAM only (keyword only): decode with the HQ token's mask alone instead of the
+            best SAM mask plus it. HQ-SAM gives one mask per grid point (SAM 1 gives three).
     """
 
     def __init__(
@@ -168,8 +170,12 @@ class MaskGenerator:
         progress: bool = False,
         *,
         max_chunk_pixels: int = DEFAULT_MAX_CHUNK_PIXELS,
+        hq_token_only: bool = False,
     ) -> None:
         self.predictor = self._make_predictor(model)
+        if hq_token_only and not getattr(self.predictor.model, "is_hq", False):
+            raise ValueError("hq_token_only needs an HQ-SAM model (this one has no HQ token)")
+        self.hq_token_only = bool(hq_token_only)
         self.crop_n_layers = _check_int("crop_n_layers", crop_n_layers, 0)
         self.crop_n_points_downscale_factor = _check_int(
             "crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1
@@ -343,7 +349,8 @@ class MaskGenerator:
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64, device=coords.device)
         sparse, dense = model.embed_prompts(points=(coords[:, None, :], labels), boxes=None, masks=None)
         features = predictor.features
-        low_res, iou = model.decode(features, sparse.to(features.dtype), dense.to(features.dtype), True)
+        hq = {"hq_features": predictor.hq_features(), "hq_token_only": self.hq_token_only} if model.is_hq else {}
+        low_res, iou = model.decode(features, sparse.to(features.dtype), dense.to(features.dtype), True, **hq)
         return low_res.float(), iou.float()
 
     def _upscale_low_res(self, low_res: torch.Tensor, crop_size: Tuple[int, int]) -> torch.Tensor:
@@ -354,7 +361,8 @@ class MaskGenerator:
                        orig_size: Tuple[int, int]) -> _Proposals:
         config = get_config(self.model)
         fast = config is not None and (config.fast_decoder or config.fast_postprocess or config.amg_device_masks)
-        if fast and self._fast_batch:
+        # HQ-SAM decodes on the faithful path (the fast decoder has no HQ token).
+        if fast and self._fast_batch and not getattr(self.model, "is_hq", False):
             from .fast.amg import process_batch
 
             return process_batch(self, points, crop_size, crop_box, orig_size)

@@ -96,10 +96,20 @@ class MaskDecoderConfig:
 
 
 @dataclass(frozen=True)
+class HQConfig:
+    """HQ-SAM's extension of the mask decoder (``spec/hq_sam.md``): ``vit_dim`` is the channel count of
+    the encoder's intermediate feature (ViT embed dim; TinyViT's third stage width)."""
+
+    vit_dim: int = 768
+
+
+@dataclass(frozen=True)
 class SamConfig:
     encoder: EncoderConfig = field(default_factory=ViTConfig)
     prompt: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
     decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    #: None for plain SAM; set for HQ-SAM.
+    hq: Optional[HQConfig] = None
     pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
     mask_threshold: float = 0.0
@@ -118,4 +128,12 @@ VARIANTS = {
     "vit_l": SamConfig(encoder=ViTConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23))),
     "vit_h": SamConfig(encoder=ViTConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31))),
     "vit_t": SamConfig(encoder=TinyViTConfig()),
+}
+
+# HQ-SAM: the same encoders with the HQ decoder (the registry names of anyseg.hub).
+HQ_VARIANTS = {
+    "hq_vit_b": SamConfig(encoder=VARIANTS["vit_b"].encoder, hq=HQConfig(vit_dim=768)),
+    "hq_vit_l": SamConfig(encoder=VARIANTS["vit_l"].encoder, hq=HQConfig(vit_dim=1024)),
+    "hq_vit_h": SamConfig(encoder=VARIANTS["vit_h"].encoder, hq=HQConfig(vit_dim=1280)),
+    "hq_vit_tiny": SamConfig(encoder=TinyViTConfig(), hq=HQConfig(vit_dim=160)),
 }

@@ -164,6 +164,15 @@ _SAM2_SIZES = (("t", "tiny", "tiny"), ("s", "small", "small"), ("b+", "base_plus
                ("l", "large", "large"))
 _BUILTIN += tuple(_sam2(version, size, long, hf) for version in ("2.0", "2.1") for size, long, hf in _SAM2_SIZES)
 
+# HQ-SAM (spec/hq_sam.md 1), from the authors' Hugging Face repository; no checksums are published.
+_HQ = (("b", "vit_b", "ViT-B"), ("l", "vit_l", "ViT-L"), ("h", "vit_h", "ViT-H"), ("tiny", "vit_tiny", "TinyViT (Light HQ-SAM)"))
+_BUILTIN += tuple(
+    CheckpointInfo(name=f"hq_vit_{size}", filename=f"sam_hq_{stem}.pth",
+                   url=f"https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_{stem}.pth",
+                   description=f"HQ-SAM {encoder}: SAM with the high-quality output token")
+    for size, stem, encoder in _HQ
+)
+
 _REGISTRY: dict[str, CheckpointInfo] = {info.name: info for info in _BUILTIN}
 _ALIASES: dict[str, str] = {
     "default": "vit_h",
@@ -175,6 +184,7 @@ _ALIASES: dict[str, str] = {
     "sam_vit_t": "vit_t",
     **{f"{prefix}_hiera_{long}": f"{prefix}_hiera_{size}"
        for prefix in ("sam2", "sam2.1") for size, long, _ in _SAM2_SIZES},
+    **{f"sam_hq_{stem}": f"hq_vit_{size}" for size, stem, _ in _HQ},
 }
 
 REGISTRY: Mapping[str, CheckpointInfo] = MappingProxyType(_REGISTRY)

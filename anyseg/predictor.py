@@ -53,6 +53,9 @@ class SamPredictor:
         """Forget the current image and its embedding."""
         self.is_image_set = False
         self.features: Optional[torch.Tensor] = None
+        #: HQ-SAM only: the encoder's intermediate feature ``1 x g x g x D`` and the HQ feature made from it.
+        self.interm_features: Optional[torch.Tensor] = None
+        self._hq_features: Optional[torch.Tensor] = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size: Optional[Tuple[int, int]] = None
         self.input_size: Optional[Tuple[int, int]] = None
@@ -88,13 +91,20 @@ class SamPredictor:
         self.orig_h, self.orig_w = self.original_size
         self.input_h, self.input_w = self.input_size
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features = speed.encode(self.model, x)  # the faithful encoder unless fast paths are on
+        if getattr(self.model, "is_hq", False):
+            # HQ-SAM's decoder also reads an early encoder feature; its encoder runs the faithful path.
+            with speed.ieee_float32(x.device):
+                self.features, self.interm_features = self.model.encode_image(
+                    x.to(next(self.model.parameters()).dtype), return_interm=True)
+        else:
+            self.features = speed.encode(self.model, x)  # the faithful encoder unless fast paths are on
         self.is_image_set = True
 
     def set_embedding(self, embedding: torch.Tensor, input_size: Tuple[int, int],
-                      original_size: Tuple[int, int]) -> None:
+                      original_size: Tuple[int, int], interm_features: Optional[torch.Tensor] = None) -> None:
         """Use an image embedding computed elsewhere (e.g. by :func:`anyseg.speed.encode_images`):
-        ``1 x 256 x g x g``, with the resized ``input_size`` (h, w) and the ``original_size`` (H, W)."""
+        ``1 x 256 x g x g``, with the resized ``input_size`` (h, w) and the ``original_size`` (H, W).
+        An HQ-SAM model also needs the encoder's ``interm_features`` (``1 x g x g x D``)."""
         g = self.model.config.embedding_size
         if (not isinstance(embedding, torch.Tensor) or embedding.ndim != 4 or embedding.shape[0] != 1
                 or tuple(embedding.shape[2:]) != (g, g)):
@@ -105,6 +115,8 @@ class SamPredictor:
         self.orig_h, self.orig_w = self.original_size
         self.input_h, self.input_w = self.input_size
         self.features = embedding.to(self.device)
+        if interm_features is not None:
+            self.interm_features = interm_features.to(self.device)
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -125,6 +137,7 @@ class SamPredictor:
         mask_input: Optional[np.ndarray] = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        hq_token_only: bool = False,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one object from prompts in original-image pixels.
 
@@ -134,8 +147,10 @@ class SamPredictor:
             mask_input: ``1 x 256 x 256`` low-res logits from a previous prediction.
             multimask_output: three masks (whole / part / sub-part) instead of one.
             return_logits: return unthresholded logits instead of boolean masks.
+            hq_token_only: HQ-SAM only: the HQ token's mask alone instead of the best SAM mask plus it.
         Returns:
-            masks ``k x H x W``, scores ``k``, low-res logits ``k x 256 x 256`` (k = 3 or 1).
+            masks ``k x H x W``, scores ``k``, low-res logits ``k x 256 x 256`` (k = 3 or 1; always 1
+            for HQ-SAM, which returns one mask per prompt).
         """
         self._require_image()
         coords, labels = check_points(point_coords, point_labels)
@@ -153,7 +168,7 @@ class SamPredictor:
         if mask_input is not None:
             mask_t = torch.as_tensor(self._check_mask_input(mask_input), device=self.device)[None]
         masks, scores, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output,
-                                                    return_logits=return_logits)
+                                                    return_logits=return_logits, hq_token_only=hq_token_only)
         return (masks[0].detach().cpu().numpy(), scores[0].float().detach().cpu().numpy(),
                 low_res[0].float().detach().cpu().numpy())
 
@@ -170,12 +185,14 @@ class SamPredictor:
         mask_input: Optional[torch.Tensor] = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        hq_token_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks for ``B`` prompts given in the model frame.
 
         Args:
             point_coords: ``B x N x 2`` model-frame XY; point_labels ``B x N``.
             boxes: ``B x 4`` model-frame XYXY. mask_input: ``B x 1 x 256 x 256`` low-res logits.
+            hq_token_only: HQ-SAM only (see :meth:`predict`); HQ-SAM returns k = 1.
         Returns:
             masks ``B x k x H x W`` (bool, or logits with ``return_logits``), IoU ``B x k``,
             low-res logits ``B x k x 256 x 256``.
@@ -185,7 +202,16 @@ class SamPredictor:
             raise ValueError("point_coords and point_labels must be given together")
         points = (point_coords, point_labels) if point_coords is not None else None
         config = get_config(self.model)
-        if config is not None and config.fast_decoder:
+        hq = getattr(self.model, "is_hq", False)
+        if hq_token_only and not hq:
+            raise ValueError("hq_token_only needs an HQ-SAM model (this one has no HQ token)")
+        if hq:
+            # HQ-SAM takes the faithful decoder under every speed preset (the fast decoder has no HQ token).
+            sparse, dense = self.model.embed_prompts(points=points, boxes=boxes, masks=mask_input)
+            low_res, iou = self.model.decode(self.features, sparse.to(self.features.dtype),
+                                             dense.to(self.features.dtype), multimask_output,
+                                             hq_features=self.hq_features(), hq_token_only=hq_token_only)
+        elif config is not None and config.fast_decoder:
             # A mask prompt goes in before the prompt encoder's last (1 x 1) layer: the fast decoder folds
             # that layer into its per-image cache.
             sparse, _ = self.model.embed_prompts(points=points, boxes=boxes)
@@ -212,6 +238,16 @@ class SamPredictor:
                 masks = masks > threshold
         return masks, iou.float(), low_res
 
+    def hq_features(self) -> torch.Tensor:
+        """HQ-SAM: the prompt-independent HQ feature ``1 x 32 x 256 x 256`` of the current image (cached)."""
+        self._require_image()
+        if self._hq_features is None:
+            if self.interm_features is None:
+                raise ValueError("HQ-SAM needs the encoder's intermediate feature: set the image with set_image, "
+                                 "or pass interm_features to set_embedding")
+            self._hq_features = self.model.mask_decoder.hq_features(self.features, self.interm_features)
+        return self._hq_features
+
     def fast_decoder(self):
         """The :class:`anyseg.fast.FastDecoder` for the current image (built on first use)."""
         self._require_image()
@@ -232,6 +268,7 @@ class SamPredictor:
         point_labels: Optional[Sequence[np.ndarray]] = None,
         multimask_output: bool = False,
         return_logits: bool = False,
+        hq_token_only: bool = False,
     ) -> Prediction:
         """Prompt many objects on the current image at once (original-image pixels).
 
@@ -278,7 +315,8 @@ class SamPredictor:
                                                        self.model.img_size), device=self.device)
             if coords_t is None and box_t is None:
                 raise ValueError("every object needs at least one point or a box")
-            out = self.predict_torch(coords_t, labels_t, box_t, None, multimask_output, return_logits)
+            out = self.predict_torch(coords_t, labels_t, box_t, None, multimask_output, return_logits,
+                                     hq_token_only=hq_token_only)
             for j, i in enumerate(idx):
                 results[i] = tuple(t[j] for t in out)
         masks, scores, low_res = (torch.stack([r[k] for r in results]).cpu().numpy() for k in range(3))

@@ -64,8 +64,25 @@ class MaskDecoder(nn.Module):
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                       dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hs, upscaled = self.attend(image_embeddings, image_pe, sparse, dense)
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        return masks, self.iou_prediction_head(hs[:, 0, :])
+
+    def output_token_weights(self) -> torch.Tensor:
+        """The learned output tokens ``k x C`` that precede the prompt tokens (HQ-SAM appends one)."""
+        return torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+
+    def attend(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+               dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Two-way transformer over output + prompt tokens and the image: token outputs ``B x T x C``
+        and the upscaled image features ``B x C/8 x 4h x 4w``."""
         b = sparse.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = self.output_token_weights()
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         if image_embeddings.shape[0] not in (1, b):
             raise ValueError(
@@ -74,15 +91,6 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense
         pos = image_pe.expand(b, -1, -1, -1)
         hs, src = self.transformer(src, pos, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
         _, c, h, w = dense.shape
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return hs, self.output_upscaling(src)

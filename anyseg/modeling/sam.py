@@ -45,8 +45,16 @@ class Sam(nn.Module):
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
 
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised ``B x 3 x S x S`` -> image embedding ``B x 256 x g x g``."""
+    @property
+    def is_hq(self) -> bool:
+        """An HQ-SAM model: its decoder needs the encoder's intermediate feature (``interm``)."""
+        return getattr(self.mask_decoder, "needs_interm", False)
+
+    def encode_image(self, x: torch.Tensor, return_interm: bool = False):
+        """Normalised ``B x 3 x S x S`` -> image embedding ``B x 256 x g x g``; with ``return_interm``
+        also the encoder's intermediate feature ``B x g x g x D`` that HQ-SAM's decoder reads."""
+        if return_interm:
+            return self.image_encoder(x, return_interm=True)
         return self.image_encoder(x)
 
     def embed_prompts(
@@ -59,10 +67,13 @@ class Sam(nn.Module):
         return self.prompt_encoder(points, boxes, masks)
 
     def decode(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-               multimask_output: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Low-res logits ``B x k x 4g x 4g`` and IoU predictions ``B x k``."""
+               multimask_output: bool, **hq_options) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits ``B x k x 4g x 4g`` and IoU predictions ``B x k``.
+
+        ``hq_options`` are HQ-SAM's decoder options (``interm_embeddings`` or ``hq_features``,
+        ``hq_token_only``); an HQ decoder returns k = 1 mask per prompt."""
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
-                                 multimask_output)
+                                 multimask_output, **hq_options)
 
     def postprocess_masks(self, masks: torch.Tensor, input_size: Tuple[int, int],
                           original_size: Tuple[int, int]) -> torch.Tensor:
@@ -86,5 +97,10 @@ def build_sam(config: SamConfig) -> Sam:
     """Build an (untrained) SAM from a config."""
     encoder = build_image_encoder(config.encoder)
     prompt = PromptEncoder(config.prompt, img_size=config.img_size, embedding_size=config.embedding_size)
-    decoder = MaskDecoder(config.decoder)
+    if config.hq is not None:
+        from .hq import HQMaskDecoder
+
+        decoder = HQMaskDecoder(config.decoder, vit_dim=config.hq.vit_dim)
+    else:
+        decoder = MaskDecoder(config.decoder)
     return Sam(config=config, image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder)

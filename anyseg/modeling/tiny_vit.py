@@ -258,10 +258,17 @@ class TinyViT(nn.Module):
         self.neck = build_neck(dims[-1], config.out_chans)
         self.grid = res[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_interm: bool = False):
+        """With ``return_interm`` also the output of ``layers[1]`` (including its PatchMerging),
+        ``B x r x r x C`` channels last (64 x 64 x 160 for MobileSAM): HQ-SAM's early feature."""
         x = self.patch_embed(x)
-        for layer in self.layers:
+        interm = None
+        for i, layer in enumerate(self.layers):
             x = layer(x)
+            if return_interm and i == 1:
+                side = int(round(x.shape[1] ** 0.5))
+                interm = x.view(x.shape[0], side, side, x.shape[2])
         b, _, c = x.shape
         x = x.view(b, self.grid, self.grid, c).permute(0, 3, 1, 2)
-        return self.neck(x)
+        out = self.neck(x)
+        return (out, interm) if return_interm else out

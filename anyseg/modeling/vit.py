@@ -220,8 +220,15 @@ class ImageEncoderViT(nn.Module):
         )
         self.neck = build_neck(config.embed_dim, config.out_chans)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_interm: bool = False):
+        """With ``return_interm`` also the output of the first global-attention block,
+        ``B x g x g x embed_dim`` (channels last): HQ-SAM's early feature."""
         x = self.patch_embed(x) + self.pos_embed
-        for block in self.blocks:
+        interm = None
+        first_global = self.config.global_attn_indexes[0] if self.config.global_attn_indexes else None
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return self.neck(x.permute(0, 3, 1, 2))
+            if return_interm and i == first_global:
+                interm = x
+        out = self.neck(x.permute(0, 3, 1, 2))
+        return (out, interm) if return_interm else out
