@@ -8,7 +8,7 @@ from pathlib import Path
 from .common import add_model_arguments
 
 DESCRIPTION = """\
-Export SAM to ONNX for onnxruntime, onnxruntime-web or any other ONNX runtime.
+Export SAM or SAM 2 to ONNX for onnxruntime, onnxruntime-web or any other ONNX runtime.
 
 --decoder OUT.onnx   the prompt encoder + mask decoder (the per-click part, a few MB).
                      Inputs: image_embeddings 1x256x64x64, point_coords 1xNx2 (model frame),
@@ -18,6 +18,11 @@ Export SAM to ONNX for onnxruntime, onnxruntime-web or any other ONNX runtime.
 --encoder OUT.onnx   the image encoder with normalisation and padding inside: input "image"
                      Bx3xhxw float RGB in [0, 255], resized so the long side is 1024.
                      Big encoders (ViT-L/H) are written with their weights in OUT.onnx.data.
+SAM 2 models         the encoder takes the normalised 1x3x1024x1024 model input and also returns
+                     high_res_feats_0 / high_res_feats_1, which the decoder takes besides
+                     image_embeddings; prompts are scaled by 1024/W and 1024/H (no padding). The
+                     decoder's output 0 is the single-mask answer with SAM 2's dynamic multimask
+                     fallback applied; --fast-decoder and --use-stability-score are SAM 1 only.
 --fast-decoder       compute the decoder with reordered float32 arithmetic (attention without
                      projecting the image tokens, transposed convolutions as matrix products):
                      the same masks to rounding, less work per click. The labelling app uses it.
@@ -26,15 +31,16 @@ Export SAM to ONNX for onnxruntime, onnxruntime-web or any other ONNX runtime.
                      (masks closest to float32); dynamic: onnxruntime dynamic quantization, int8
                      activations too (faster int8 products on some CPUs, larger mask changes).
 
-Export always runs on the CPU in float32. anyseg.runtime.OnnxPredictor runs the graphs without
-PyTorch (see docs/onnx.md)."""
+Export always runs on the CPU in float32. anyseg.runtime.OnnxPredictor runs the graphs of either
+family without PyTorch (see docs/onnx.md)."""
 
 EXAMPLES = """\
 examples:
   anyseg export --model vit_b --decoder sam_vit_b_decoder.onnx
   anyseg export --model mobile_sam.pt --decoder dec.onnx --encoder enc.onnx --quantize
   anyseg export --model vit_h --decoder dec.onnx --return-single-mask --opset 17
-  anyseg export --model vit_b --decoder dec_fast.onnx --fast-decoder"""
+  anyseg export --model vit_b --decoder dec_fast.onnx --fast-decoder
+  anyseg export --model sam2.1_hiera_tiny.pt --decoder sam2_dec.onnx --encoder sam2_enc.onnx"""
 
 
 def register(subparsers) -> None:

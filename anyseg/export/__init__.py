@@ -1,15 +1,45 @@
-"""ONNX export of SAM: the prompt decoder (the per-click part) and the image encoder.
+"""ONNX export of SAM and SAM 2: the prompt decoder (the per-click part) and the image encoder.
 
 ``export_decoder(model, path, ...)`` and ``export_encoder(model, path, ...)`` write graphs that
-:class:`anyseg.runtime.OnnxPredictor` (no torch needed) or any ONNX runtime can run;
-``quantize(src, dst)`` makes an int8 copy (int8 weights; or dynamic quantization). Needs the ``onnx`` extra
-(``pip install 'anyseg[onnx]'``) and torch.
+:class:`anyseg.runtime.OnnxPredictor` (no torch needed) or any ONNX runtime can run, for a model of either
+family (SAM 1: :mod:`.decoder`, :mod:`.encoder`; SAM 2: :mod:`.sam2`, whose graphs also take or give the
+high-resolution features); ``quantize(src, dst)`` makes an int8 copy (int8 weights; or dynamic
+quantization). Needs the ``onnx`` extra (``pip install 'anyseg[onnx]'``) and torch.
 """
+from pathlib import Path
+
+from . import decoder as _sam_decoder
+from . import encoder as _sam_encoder
+from ._common import PathLike, model_family
 from .decoder import (CACHE_OUTPUTS, DECODER_INPUTS, DECODER_OUTPUTS, SamOnnxDecoder, SamOnnxDecoderCache,
-                      export_decoder, export_decoder_cache)
-from .encoder import ENCODER_INPUTS, ENCODER_OUTPUTS, SamOnnxEncoder, export_encoder
+                      export_decoder_cache)
+from .encoder import ENCODER_INPUTS, ENCODER_OUTPUTS, SamOnnxEncoder
 from .quantize import quantize
+from .sam2 import (SAM2_DECODER_INPUTS, SAM2_DECODER_OUTPUTS, SAM2_ENCODER_INPUTS, SAM2_ENCODER_OUTPUTS,
+                   Sam2OnnxDecoder, Sam2OnnxEncoder, export_sam2_decoder, export_sam2_encoder)
 
 __all__ = ["CACHE_OUTPUTS", "DECODER_INPUTS", "DECODER_OUTPUTS", "ENCODER_INPUTS", "ENCODER_OUTPUTS",
-           "SamOnnxDecoder", "SamOnnxDecoderCache", "SamOnnxEncoder", "export_decoder", "export_decoder_cache",
-           "export_encoder", "quantize"]
+           "SAM2_DECODER_INPUTS", "SAM2_DECODER_OUTPUTS", "SAM2_ENCODER_INPUTS", "SAM2_ENCODER_OUTPUTS",
+           "SamOnnxDecoder", "SamOnnxDecoderCache", "SamOnnxEncoder", "Sam2OnnxDecoder", "Sam2OnnxEncoder",
+           "export_decoder", "export_decoder_cache", "export_encoder", "export_sam2_decoder", "export_sam2_encoder",
+           "quantize"]
+
+_DECODERS = {"sam": _sam_decoder.export_decoder, "sam2": export_sam2_decoder}
+_ENCODERS = {"sam": _sam_encoder.export_encoder, "sam2": export_sam2_encoder}
+
+
+def export_decoder(model, path: PathLike, **options) -> Path:
+    """Export the decoder graph of ``model`` (SAM 1 or SAM 2) to ``path``.
+
+    SAM 1: :func:`anyseg.export.decoder.export_decoder` (options ``opset``, ``return_single_mask``,
+    ``gelu_approximate``, ``use_stability_score``, ``fast``, ``upscale_masks``, ``image_cache``).
+    SAM 2: :func:`anyseg.export.sam2.export_sam2_decoder` (``opset``, ``return_single_mask``,
+    ``gelu_approximate``, ``upscale_masks``; the SAM 1-only options raise ``ValueError`` when set).
+    """
+    return _DECODERS[model_family(model)](model, path, **options)
+
+
+def export_encoder(model, path: PathLike, **options) -> Path:
+    """Export the image encoder graph of ``model`` (SAM 1: :func:`anyseg.export.encoder.export_encoder`,
+    SAM 2: :func:`anyseg.export.sam2.export_sam2_encoder`; options ``opset``, ``external_data``)."""
+    return _ENCODERS[model_family(model)](model, path, **options)

@@ -21,6 +21,8 @@ META_KIND = "anyseg.kind"
 META_FORMAT = "anyseg.format"
 META_OPSET = "anyseg.opset"
 META_IMG_SIZE = "anyseg.img_size"
+#: the model family (``sam2``); absent in SAM 1 graphs, which predate it.
+META_FAMILY = "anyseg.family"
 FORMAT_VERSION = "1"
 KIND_DECODER = "sam_decoder"
 KIND_DECODER_CACHE = "sam_decoder_cache"
@@ -36,6 +38,11 @@ def require_onnx():
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("ONNX export needs the 'onnx' package: pip install 'anyseg[onnx]'") from err
     return onnx
+
+
+def model_family(model) -> str:
+    """``"sam"`` or ``"sam2"``: which exporter a loaded model needs (SAM 2 models say so themselves)."""
+    return getattr(model, "family", "sam")
 
 
 def check_opset(opset: int) -> int:

@@ -1,6 +1,9 @@
-"""Opening exported SAM graphs with onnxruntime and checking that they are what they claim to be.
+"""Opening exported SAM / SAM 2 graphs with onnxruntime and checking that they are what they claim to be.
 
-Depends on numpy and onnxruntime only (no torch, no onnx).
+A graph's family (``"sam"`` or ``"sam2"``) comes from its metadata (``anyseg.family``, written by SAM 2
+exports) or, for graphs without it, from its inputs and outputs (SAM 2's carry the high-resolution
+features ``high_res_feats_0`` / ``high_res_feats_1``). Depends on numpy and onnxruntime only (no torch,
+no onnx).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ MAX_OPSET = 20
 FORMAT_VERSION = "1"
 KIND_DECODER = "sam_decoder"
 KIND_ENCODER = "sam_encoder"
+FAMILY_SAM = "sam"
+FAMILY_SAM2 = "sam2"
 
 #: name -> rank of each input the decoder graph must have (the reference SAM ONNX names).
 DECODER_INPUTS: Dict[str, int] = {
@@ -23,6 +28,23 @@ DECODER_INPUTS: Dict[str, int] = {
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 ENCODER_INPUTS: Dict[str, int] = {"image": 4}
 ENCODER_OUTPUTS = ("image_embeddings",)
+# SAM 2 (anyseg.export.sam2): the decoder also takes the two high-res feature maps the encoder gives.
+SAM2_DECODER_INPUTS: Dict[str, int] = {
+    "image_embeddings": 4, "high_res_feats_0": 4, "high_res_feats_1": 4, "point_coords": 3, "point_labels": 2,
+    "mask_input": 4, "has_mask_input": 1, "orig_im_size": 1,
+}
+SAM2_DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
+SAM2_ENCODER_INPUTS: Dict[str, int] = {"image": 4}
+SAM2_ENCODER_OUTPUTS = ("image_embeddings", "high_res_feats_0", "high_res_feats_1")
+HIGH_RES_NAMES = ("high_res_feats_0", "high_res_feats_1")
+
+#: (inputs with ranks, leading outputs) of each family's graphs, per kind.
+GRAPHS = {
+    FAMILY_SAM: {KIND_DECODER: (DECODER_INPUTS, DECODER_OUTPUTS), KIND_ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS)},
+    FAMILY_SAM2: {KIND_DECODER: (SAM2_DECODER_INPUTS, SAM2_DECODER_OUTPUTS),
+                  KIND_ENCODER: (SAM2_ENCODER_INPUTS, SAM2_ENCODER_OUTPUTS)},
+}
+FAMILY_NAMES = {FAMILY_SAM: "SAM", FAMILY_SAM2: "SAM 2"}
 
 
 class GraphError(ValueError):
@@ -44,13 +66,27 @@ def _describe(items) -> List[Tuple[str, str, list]]:
 class GraphSession:
     """An onnxruntime session for one exported graph plus its anyseg metadata."""
 
-    def __init__(self, session, path: Path, kind: str, metadata: Dict[str, str]) -> None:
+    def __init__(self, session, path: Path, kind: str, metadata: Dict[str, str], family: str = FAMILY_SAM) -> None:
         self.session = session
         self.path = path
         self.kind = kind
+        self.family = family
         self.metadata = metadata
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+
+    def input_shape(self, name: str) -> tuple:
+        """The declared shape of input ``name`` (ints, or strings for dynamic axes)."""
+        return tuple(self.session.get_inputs()[self.input_names.index(name)].shape)
+
+    def meta_floats(self, key: str, default: Tuple[float, ...]) -> Tuple[float, ...]:
+        value = self.metadata.get(key)
+        if value is None:
+            return default
+        try:
+            return tuple(float(v) for v in value.split(","))
+        except ValueError:
+            raise GraphError(f"{self.path}: metadata {key}={value!r} is not a list of numbers") from None
 
     def run(self, feeds: Dict[str, "object"]) -> list:
         return self.session.run(None, feeds)
@@ -71,11 +107,12 @@ def default_providers() -> List[str]:
 
 def open_graph(path: Union[str, "os.PathLike[str]"], kind: str, providers: Optional[Sequence] = None,
                sess_options=None) -> GraphSession:
-    """Open ``path`` as a ``kind`` graph (``"sam_decoder"`` or ``"sam_encoder"``).
+    """Open ``path`` as a ``kind`` graph (``"sam_decoder"`` or ``"sam_encoder"``) of either family.
 
     Raises ``FileNotFoundError`` for a missing file and :class:`GraphError` (a ``ValueError``) for a
     file that is not an ONNX model onnxruntime can load (including an unsupported opset), a graph of
-    the other kind, or inputs / outputs that are not those of an anyseg SAM graph.
+    the other kind, an unknown family, or inputs / outputs that are not those of an anyseg SAM or
+    SAM 2 graph. The session's ``family`` says which family it is.
     """
     ort = require_onnxruntime()
     path = Path(path)
@@ -112,10 +149,15 @@ def open_graph(path: Union[str, "os.PathLike[str]"], kind: str, providers: Optio
     if kind == KIND_DECODER and metadata.get("anyseg.upscale_masks") == "0":
         raise GraphError(f"{str(path)!r} is a decoder graph exported with upscale_masks=False (low-res logits "
                          f"only, for the browser app); OnnxPredictor needs a graph that upscales the masks")
-    expected_in = DECODER_INPUTS if kind == KIND_DECODER else ENCODER_INPUTS
-    expected_out = DECODER_OUTPUTS if kind == KIND_DECODER else ENCODER_OUTPUTS
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
+    family = metadata.get("anyseg.family")
+    if family is None:  # SAM 1 exports and other tools' graphs carry none: tell by the feature maps
+        family = FAMILY_SAM2 if set(HIGH_RES_NAMES) & (set(inputs) | set(outputs)) else FAMILY_SAM
+    elif family not in GRAPHS:
+        raise GraphError(f"{str(path)!r} is a graph of model family {family!r}; this version of anyseg runs "
+                         f"{' and '.join(sorted(GRAPHS))}")
+    expected_in, expected_out = GRAPHS[family][kind]
     problems = []
     if set(inputs) != set(expected_in):
         problems.append(f"inputs {sorted(inputs)} (expected {sorted(expected_in)})")
@@ -128,8 +170,8 @@ def open_graph(path: Union[str, "os.PathLike[str]"], kind: str, providers: Optio
     if list(outputs[: len(expected_out)]) != list(expected_out):
         problems.append(f"outputs {outputs} (expected {list(expected_out)})")
     if problems:
-        raise GraphError(f"{str(path)!r} is not a SAM {_label(kind)} graph: " + "; ".join(problems))
-    return GraphSession(session, path, kind, metadata)
+        raise GraphError(f"{str(path)!r} is not a {FAMILY_NAMES[family]} {_label(kind)} graph: " + "; ".join(problems))
+    return GraphSession(session, path, kind, metadata, family)
 
 
 def _label(kind: str) -> str:
