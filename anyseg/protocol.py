@@ -55,8 +55,9 @@ class EncodedImage:
     without running the image encoder again.
 
     embedding: ``1 x C x g x g``, the decoder's image embedding (what ``get_image_embedding`` returns).
-    state: whatever else the family's decoder needs, in a family-specific order (empty for SAM 1; SAM 2:
-        the raw vision feature, its position encoding and the high-resolution features).
+    state: whatever else the family's decoder needs, in a family-specific order (empty for SAM 1; HQ-SAM:
+        the encoder's intermediate feature; SAM 2: the raw vision feature, its position encoding and the
+        high-resolution features).
     original_size: ``(H, W)`` of the image. input_size: ``(h, w)``, the image's extent in the model frame
         (SAM 1: long side = the model's input size; SAM 2: the whole ``S x S`` square).
     """
@@ -288,24 +289,32 @@ class SamSurfacePredictor(SamPredictor):
 
     def encoded(self) -> EncodedImage:
         self._require_image()
-        return EncodedImage(_numpy(self.features), (), tuple(self.original_size), tuple(self.input_size))
+        state = () if self.interm_features is None else (_numpy(self.interm_features),)
+        return EncodedImage(_numpy(self.features), state, tuple(self.original_size), tuple(self.input_size))
 
     def set_encoded(self, encoded: EncodedImage, image: Optional[np.ndarray] = None) -> None:
         dtype = next(self.model.parameters()).dtype
         embedding = torch.from_numpy(encoded.embedding).to(self.device, dtype)
-        self.set_embedding(embedding, encoded.input_size, encoded.original_size)
+        interm = torch.from_numpy(encoded.state[0]).to(self.device, dtype) if encoded.state else None
+        self.set_embedding(embedding, encoded.input_size, encoded.original_size, interm_features=interm)
         self._reuse = None if image is None else (encoded, image)
 
     def decode(self, point_coords=None, point_labels=None, box=None, mask_input=None,
                multimask_output: bool = True, return_logits: bool = False, **options) -> Decoded:
-        if options:
-            raise TypeError(f"SAM 1 models take no decode options, got {sorted(options)}")
-        return Decoded(*self.predict(point_coords, point_labels, box, mask_input, multimask_output, return_logits))
+        hq = self._hq_option(options)
+        return Decoded(*self.predict(point_coords, point_labels, box, mask_input, multimask_output, return_logits,
+                                     **hq))
+
+    def _hq_option(self, options) -> dict:
+        """SAM 1's one decode option: HQ-SAM's ``hq_token_only`` (refused by a model without the HQ token)."""
+        unknown = sorted(set(options) - {"hq_token_only"})
+        if unknown:
+            raise TypeError(f"SAM 1 models take no decode options other than hq_token_only (HQ-SAM), got {unknown}")
+        return {"hq_token_only": bool(options["hq_token_only"])} if "hq_token_only" in options else {}
 
     def decode_batch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                      multimask_output: bool = True, return_logits: bool = False, **options) -> Decoded:
-        if options:
-            raise TypeError(f"SAM 1 models take no decode options, got {sorted(options)}")
+        hq = self._hq_option(options)
         self._require_image()
         coords, labels, boxes, masks, _ = check_prompt_batch(point_coords, point_labels, boxes, mask_input,
                                                              self.mask_input_size)
@@ -315,7 +324,7 @@ class SamSurfacePredictor(SamPredictor):
         boxes_t = None if boxes is None else torch.as_tensor(boxes_to_model(boxes, size, s), device=dev)
         masks_t = None if masks is None else torch.as_tensor(masks, device=dev)
         out, scores, low = self.predict_torch(coords_t, labels_t, boxes_t, masks_t, multimask_output,
-                                              return_logits=return_logits)
+                                              return_logits=return_logits, **hq)
         return Decoded(out.detach().cpu().numpy(), _numpy(scores), _numpy(low))
 
     def mask_generator(self, **params):

@@ -136,6 +136,8 @@ def register(subparsers) -> None:
                        help="SAM 2 only: refine every mask with a second decoder pass prompted by its own mask")
     group.add_argument("--single-mask", action="store_true",
                        help="SAM 2 only: one mask per point instead of three (multimask_output=False)")
+    group.add_argument("--hq-token-only", action="store_true",
+                       help="HQ-SAM only: each point's HQ-token mask alone instead of the best SAM mask plus it")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -217,6 +219,8 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     settings = {dest: getattr(args, dest) for _, dest, *_ in GENERATOR_OPTIONS}
     settings.update(model=str(args.model), polygon_tolerance=args.polygon_tolerance, use_m2m=args.use_m2m,
                     multimask_output=not args.single_mask)
+    if args.hq_token_only:
+        settings["hq_token_only"] = True
     return settings
 
 
@@ -366,4 +370,8 @@ def _make_generator(args: argparse.Namespace):
     elif args.use_m2m or args.single_mask:
         raise ValueError(f"--use-m2m and --single-mask apply to SAM 2 models only; {args.model} is a "
                          f"{_FAMILY_NAMES.get(family, family)} model")
+    if args.hq_token_only:
+        if not getattr(model, "is_hq", False):
+            raise ValueError(f"--hq-token-only applies to HQ-SAM models only; {args.model} has no HQ token")
+        options["hq_token_only"] = True
     return make_predictor(model).mask_generator(output_mode="coco_rle", **options)

@@ -36,6 +36,8 @@ def register(subparsers) -> None:
                         help="a box around the object (top-left and bottom-right corners)")
     parser.add_argument("--multimask", action="store_true",
                         help="write all three candidate masks (whole, part, sub-part) instead of the best one")
+    parser.add_argument("--hq-token-only", action="store_true",
+                        help="HQ-SAM only: the HQ token's mask alone instead of the best SAM mask plus it")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (created)")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
     image = load_image(args.image)
     model = load_model_from_args(args)
+    if args.hq_token_only and not getattr(model, "is_hq", False):
+        raise ValueError(f"--hq-token-only applies to HQ-SAM models only; {args.model} has no HQ token")
     predictor = make_predictor(model)
     predictor.set_image(image)
 
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     # With one click, SAM's three candidates resolve the ambiguity; ask for them and keep the best
     # unless all three are wanted.
     multimask = args.multimask or (box is None and len(args.point) == 1)
-    masks, scores, _ = predictor.decode(coords, labels, box, multimask_output=multimask)
+    hq = {"hq_token_only": True} if args.hq_token_only else {}
+    masks, scores, _ = predictor.decode(coords, labels, box, multimask_output=multimask, **hq)
     order = np.argsort(-scores) if args.multimask else np.argsort(-scores)[:1]
     masks, scores = masks[order], scores[order]
 

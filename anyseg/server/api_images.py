@@ -79,7 +79,8 @@ def add_image_routes(app, engine, settings, auth: List, image_info: Callable) ->
         if body.mask_input is not None:
             mask_input = b64_to_float32(body.mask_input, (1, low_res_side, low_res_side), "mask_input")
         start = time.perf_counter()
-        masks, scores, low_res = engine.decode(entry, coords, labels, box, mask_input, body.multimask)
+        masks, scores, low_res = engine.decode(entry, coords, labels, box, mask_input, body.multimask,
+                                               hq_token_only=body.hq_token_only)
         encoded = encode_masks(masks, body.format, polygon_tolerance=body.polygon_tolerance)
         elapsed = (time.perf_counter() - start) * 1000.0
         items = [DecodedMask(score=float(s), mask=m, **mask_record(mask)) for s, m, mask in zip(scores, encoded, masks)]

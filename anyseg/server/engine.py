@@ -96,12 +96,16 @@ class Engine:
         box: Optional[np.ndarray],
         mask_input: Optional[np.ndarray],
         multimask: bool,
+        hq_token_only: bool = False,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one object: ``k x H x W`` bool, scores ``k``, low-res logits ``k x 256 x 256``.
 
         Points ``N x 2`` XY and box ``4`` XYXY are in original-image pixels; ``mask_input`` is
         ``1 x 256 x 256`` low-res logits of a previous prediction. Masks are sorted best first.
+        ``hq_token_only`` (HQ-SAM models only) returns the HQ token's mask alone.
         """
+        if hq_token_only and not getattr(self.model, "is_hq", False):
+            raise ValueError("hq_token_only applies to HQ-SAM models only; the served model has no HQ token")
         if point_coords is None and box is None:
             raise ValueError("a decode request needs at least one point or a box")
         h, w = entry.original_size
@@ -114,7 +118,8 @@ class Engine:
                 raise ValueError(f"{what} coordinates must lie inside the {w}x{h} image (XY pixels), "
                                  f"got {xy[outside].tolist()}")
         def work():
-            return self.predictor(entry).decode(point_coords, point_labels, box, mask_input, multimask)
+            hq = {"hq_token_only": True} if hq_token_only else {}
+            return self.predictor(entry).decode(point_coords, point_labels, box, mask_input, multimask, **hq)
 
         masks, scores, low_res = self.run(work)
         order = np.argsort(-scores, kind="stable")

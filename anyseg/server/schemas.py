@@ -86,6 +86,8 @@ class DecodeRequest(_Strict):
     mask_input: Optional[str] = Field(
         None, description="base64 float32 1 x 256 x 256 low-res logits of a previous prediction (refinement)")
     multimask: bool = Field(True, description="return three candidates (whole, part, sub-part) instead of one")
+    hq_token_only: bool = Field(False, description="HQ-SAM models only: the HQ token's mask alone instead of "
+                                                   "the best SAM mask plus it (HQ-SAM returns one mask)")
     format: MaskFormat = "coco_rle"
     polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0, description="simplification for format=polygons")
     return_logits: bool = Field(True, description="include the low-res logits (for refinement)")
