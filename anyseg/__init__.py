@@ -21,6 +21,7 @@ _EXPORTS = {
     "build_sam_vit_l": "dropin",
     "build_sam_vit_b": "dropin",
     "build_sam_vit_t": "dropin",
+    "sam_hq_model_registry": "dropin",
     "SamPredictor": "predictor",
     "Prediction": "predictor",
     "ImageNotSetError": "prompts",

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from typing import Callable, Dict, Optional, Union
 
 from .checkpoint import CheckpointError, load_model
-from .config import VARIANTS, SamConfig
+from .config import HQ_VARIANTS, VARIANTS, SamConfig
 from .modeling.sam import Sam
 from .modeling.sam import build_sam as _build_from_config
 
 __all__ = ["sam_model_registry", "build_sam", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b",
-           "build_sam_vit_t"]
+           "build_sam_vit_t", "sam_hq_model_registry", "build_sam_hq_vit_h", "build_sam_hq_vit_l",
+           "build_sam_hq_vit_b", "build_sam_hq_vit_tiny"]
 
 Checkpoint = Union[str, "os.PathLike[str]", None]
 
@@ -36,14 +38,16 @@ def _describe(config: SamConfig) -> str:
 
 
 def _build(variant: str, checkpoint: Checkpoint) -> Sam:
-    expected = VARIANTS[variant]
+    expected = VARIANTS[variant] if variant in VARIANTS else HQ_VARIANTS[variant]
     if checkpoint is None:
         return _build_from_config(expected).eval()
     model = load_model(checkpoint)
     if not isinstance(model, Sam):
         raise CheckpointError(f"{os.fspath(checkpoint)} is not a SAM 1 checkpoint (it holds a "
                               f"{type(model).__name__}); load it with anyseg.load_model or anyseg.build_sam2")
-    if model.config != expected:
+    # HQ-SAM is SAM plus decoder keys: an HQ file under a SAM name (or the reverse) is the same encoder,
+    # and segment-anything-hq code passes HQ files to the SAM names, so only the architecture is compared.
+    if replace(model.config, hq=None) != replace(expected, hq=None):
         warnings.warn(f"sam_model_registry[{variant!r}]: {os.fspath(checkpoint)} holds a "
                       f"{_describe(model.config)}, not {variant} ({_describe(expected)}); it was loaded as "
                       "the architecture the file holds", UserWarning, stacklevel=3)
@@ -93,12 +97,44 @@ def build_sam(config: Union[SamConfig, str, "os.PathLike[str]", None] = None,
     return build_sam_vit_h(checkpoint)
 
 
-#: ``model_type -> builder(checkpoint=None)``, with the reference's keys (``default`` is ViT-H) and
-#: MobileSAM's ``vit_t``.
+def build_sam_hq_vit_h(checkpoint: Checkpoint = None) -> Sam:
+    """HQ-SAM ViT-H: random initialisation, or ``checkpoint`` (``sam_hq_vit_h.pth``) loaded by ``load_model``."""
+    return _build("hq_vit_h", checkpoint)
+
+
+def build_sam_hq_vit_l(checkpoint: Checkpoint = None) -> Sam:
+    """HQ-SAM ViT-L: random initialisation, or ``checkpoint`` (``sam_hq_vit_l.pth``) loaded by ``load_model``."""
+    return _build("hq_vit_l", checkpoint)
+
+
+def build_sam_hq_vit_b(checkpoint: Checkpoint = None) -> Sam:
+    """HQ-SAM ViT-B: random initialisation, or ``checkpoint`` (``sam_hq_vit_b.pth``) loaded by ``load_model``."""
+    return _build("hq_vit_b", checkpoint)
+
+
+def build_sam_hq_vit_tiny(checkpoint: Checkpoint = None) -> Sam:
+    """Light HQ-SAM (TinyViT): random initialisation, or ``checkpoint`` (``sam_hq_vit_tiny.pth``)."""
+    return _build("hq_vit_tiny", checkpoint)
+
+
+#: ``model_type -> builder(checkpoint=None)``, with the reference's keys (``default`` is ViT-H),
+#: MobileSAM's ``vit_t`` and Light HQ-SAM's ``vit_tiny``. A checkpoint decides what is built: an HQ-SAM
+#: file under ``vit_b`` gives HQ-SAM ViT-B, as ``segment_anything_hq.sam_model_registry`` does.
 sam_model_registry: Dict[str, Callable[..., Sam]] = {
     "default": build_sam_vit_h,
     "vit_h": build_sam_vit_h,
     "vit_l": build_sam_vit_l,
     "vit_b": build_sam_vit_b,
     "vit_t": build_sam_vit_t,
+    "vit_tiny": build_sam_hq_vit_tiny,
+}
+
+#: The registry of the ``segment-anything-hq`` package (``from segment_anything_hq import
+#: sam_model_registry``): the same names, every builder HQ-SAM (also without a checkpoint).
+sam_hq_model_registry: Dict[str, Callable[..., Sam]] = {
+    "default": build_sam_hq_vit_h,
+    "vit_h": build_sam_hq_vit_h,
+    "vit_l": build_sam_hq_vit_l,
+    "vit_b": build_sam_hq_vit_b,
+    "vit_tiny": build_sam_hq_vit_tiny,
 }

@@ -87,7 +87,7 @@ def golden_models(golden_dir):
 
 
 def test_registry_keys_and_builders():
-    assert set(sam_model_registry) == {"default", "vit_h", "vit_l", "vit_b", "vit_t"}
+    assert set(sam_model_registry) == {"default", "vit_h", "vit_l", "vit_b", "vit_t", "vit_tiny"}  # + Light HQ-SAM
     assert sam_model_registry["default"] is build_sam_vit_h
     builders = {"vit_h": build_sam_vit_h, "vit_l": build_sam_vit_l, "vit_b": build_sam_vit_b, "vit_t": build_sam_vit_t}
     for key, builder in builders.items():

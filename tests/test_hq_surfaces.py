@@ -162,3 +162,19 @@ def test_server_engine_decode(hq_model, image):
         np.testing.assert_allclose(low, want[2], atol=1e-5)
     finally:
         engine.close()
+
+
+def test_dropin_names_of_segment_anything_hq(tmp_path):
+    from anyseg import sam_hq_model_registry, sam_model_registry
+    from anyseg.dropin import build_sam_hq_vit_tiny
+
+    assert set(sam_hq_model_registry) == {"default", "vit_h", "vit_l", "vit_b", "vit_tiny"}
+    assert sam_model_registry["vit_tiny"] is sam_hq_model_registry["vit_tiny"] is build_sam_hq_vit_tiny
+    tiny = build_sam_hq_vit_tiny()
+    assert tiny.is_hq and tiny.config.hq.vit_dim == 160
+    # A checkpoint decides what is built.
+    torch.manual_seed(0)
+    ckpt = save_model(build_sam(_config(True)), tmp_path / "hq.pth")
+    with pytest.warns(UserWarning, match="not hq_vit_b"):  # the tiny test encoder is not ViT-B: it says so
+        model = sam_hq_model_registry["vit_b"](checkpoint=ckpt)
+    assert model.is_hq
