@@ -178,3 +178,31 @@ def test_dropin_names_of_segment_anything_hq(tmp_path):
     with pytest.warns(UserWarning, match="not hq_vit_b"):  # the tiny test encoder is not ViT-B: it says so
         model = sam_hq_model_registry["vit_b"](checkpoint=ckpt)
     assert model.is_hq
+
+
+@pytest.mark.parametrize("preset", ["lossless", "auto"])
+def test_fast_presets_fall_back_to_the_faithful_hq_decoder(hq_model, image, preset):
+    """The fast decoder has no HQ token: HQ models decode on the faithful path under every preset (the
+    encoder runs faithfully too, as it must hand over its intermediate feature), so results stay within
+    the golden tolerances of the faithful path."""
+    import copy
+
+    from anyseg.speed import apply, resolve
+
+    faithful = SamPredictor(hq_model)
+    faithful.set_image(image)
+    fast_model = copy.deepcopy(hq_model)
+    apply(fast_model, resolve(preset, fast_model.device))
+    fast = SamPredictor(fast_model)
+    fast.set_image(image)
+    for hq_token_only in (False, True):
+        want = faithful.predict(**POINT, hq_token_only=hq_token_only)
+        got = fast.predict(**POINT, hq_token_only=hq_token_only)
+        assert got[0].shape == want[0].shape == (1, 96, 128)
+        np.testing.assert_allclose(got[2], want[2], atol=1e-2, rtol=2e-3)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-3)
+        inter, union = np.logical_and(got[0], want[0]).sum(), np.logical_or(got[0], want[0]).sum()
+        assert union == 0 or inter / union >= 0.999
+    generator = MaskGenerator(fast_model, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                              box_nms_thresh=1.0)
+    assert len(generator.generate(image)) == 4
