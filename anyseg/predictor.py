@@ -92,7 +92,8 @@ class SamPredictor:
         self.input_h, self.input_w = self.input_size
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
         if getattr(self.model, "is_hq", False):
-            # HQ-SAM's decoder also reads an early encoder feature; its encoder runs the faithful path.
+            # HQ-SAM's decoder also reads an early encoder feature, which the speed runtime's encoder copies
+            # do not hand over: the model's own encoder runs (with fused attention when that is on).
             with speed.ieee_float32(x.device):
                 self.features, self.interm_features = self.model.encode_image(
                     x.to(next(self.model.parameters()).dtype), return_interm=True)
