@@ -288,6 +288,22 @@ class SAM2ImagePredictor:
                 points = (torch.cat([corners, points[0]], dim=1), torch.cat([corner_labels, points[1]], dim=1))
             else:
                 points = (corners, corner_labels)
+        low_res, iou = self.decode_low_res(points, mask_input, multimask_output, img_idx)
+        config = speed.get_config(self.model)
+        threshold = None if return_logits else self.mask_threshold
+        masks = self._postprocess(low_res, self._orig_hw[img_idx], threshold,
+                                  fast=config is not None and config.fast_postprocess)
+        low_res = torch.clamp(low_res, -32.0, 32.0)
+        return masks, iou, low_res
+
+    @torch.inference_mode()
+    def decode_low_res(self, points: Optional[Tuple[torch.Tensor, torch.Tensor]], mask_input: Optional[torch.Tensor],
+                       multimask_output: bool, img_idx: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One decoder pass for ``B`` prompts against image ``img_idx``: model-frame ``points``
+        (``B x N x 2`` XY with ``B x N`` labels, box corners labelled 2 and 3 first) and/or
+        ``B x 1 x 256 x 256`` mask logits -> low-res logits ``B x k x 256 x 256`` (not clamped) and IoU
+        ``B x k``, float32. Through the fast decoder when :mod:`anyseg.speed` switched it on."""
+        self._require_image()
         features = self._encoded
         idx = img_idx % features.vision.shape[0]
         config = speed.get_config(self.model)
@@ -303,17 +319,12 @@ class SAM2ImagePredictor:
                 hidden = hidden.expand(b, -1, -1, -1)
             with speed.decoder_autocast(self.model):
                 low_res, iou = self.fast_decoder(idx)(sparse, None, multimask_output, mask_hidden=hidden)
-            low_res, iou = low_res.float(), iou.float()
         else:
             sparse, dense = self.model.embed_prompts(points, mask_input)
             embed = self._features["image_embed"][idx : idx + 1]
             high_res = tuple(f[idx : idx + 1] for f in features.high_res)
             low_res, iou, _, _ = self.model.decode(embed, high_res, sparse, dense, multimask_output)
-        threshold = None if return_logits else self.mask_threshold
-        masks = self._postprocess(low_res, self._orig_hw[img_idx], threshold,
-                                  fast=config is not None and config.fast_postprocess)
-        low_res = torch.clamp(low_res, -32.0, 32.0)
-        return masks, iou, low_res
+        return low_res.float(), iou.float()
 
     def fast_decoder(self, img_idx: int = 0):
         """The :class:`anyseg.fast.sam2.Sam2FastDecoder` for image ``img_idx`` of the current image(s),

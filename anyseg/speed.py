@@ -25,6 +25,12 @@ Fast paths come in two kinds (see ``docs/speed.md`` for numbers):
 
 Nothing here changes the model's parameters or state-dict keys: compiled / quantised encoders are kept
 beside the model, in ``model.speed_runtime``.
+
+SAM 2 / 2.1 models take the same switches (:mod:`anyseg.fast.sam2`): ``fused_attention`` in Hiera and
+the decoder, ``onednn_encoder`` for the trunk, ``fast_decoder`` (:class:`anyseg.fast.sam2.Sam2FastDecoder`),
+``fast_postprocess`` (one banded resize straight to the image size), ``encoder_dtype`` / ``encoder_cast``
+for the trunk (the neck and the high-resolution projections stay float32); the runtime encoder is a
+:class:`anyseg.fast.sam2.Sam2FastEncoder` that ``SAM2ImagePredictor`` calls.
 """
 from __future__ import annotations
 
@@ -84,7 +90,8 @@ class SpeedConfig:
             weights and the MLPs' GELU fused in (:mod:`anyseg.fast.onednn`; the same products summed in
             another order). The packed weights take the linear layers' size again in memory: None
             (the lossless preset) uses it only where that is at most :data:`ONEDNN_ENCODER_MAX_BYTES`
-            (MobileSAM, not the ViTs); True always.
+            (MobileSAM, not the ViTs), for SAM 2 :data:`ONEDNN_ENCODER_MAX_BYTES_SAM2` (Hiera-T and
+            Hiera-S); True always.
         keep_freed_memory: on Linux with glibc, let the C allocator keep freed blocks (below 128 MiB,
             up to 512 MiB of them) for reuse instead of handing each large temporary back to the
             system, so the decoder's 4 MB-per-prompt temporaries do not page-fault afresh on every call
@@ -165,7 +172,8 @@ class SpeedConfig:
             default = getattr(SpeedConfig, key)
             if value != default and not (key == "encoder_batch_size" and value == 1):
                 if key == "onednn_encoder" and value is None:
-                    on.append(f"{key} (<= {ONEDNN_ENCODER_MAX_BYTES >> 20} MiB)")
+                    on.append(f"{key} (<= {ONEDNN_ENCODER_MAX_BYTES >> 20} MiB, SAM 2 "
+                              f"{ONEDNN_ENCODER_MAX_BYTES_SAM2 >> 20} MiB)")
                 else:
                     on.append(key if value is True else f"{key}={str(value).replace('torch.', '')}")
         return ", ".join(on) or "faithful"
@@ -241,6 +249,10 @@ def _with_float32(encoder: torch.nn.Module, names: Sequence[str]) -> torch.nn.Mo
 # MobileSAM's take about 20 MB (encode 5-8 % faster); ViT-B's about 340 MB for 2-5 % (peak RSS of an
 # encode 1226 -> 1598 MB), so ViT-B / ViT-L / ViT-H stay on MKL unless onednn_encoder=True.
 ONEDNN_ENCODER_MAX_BYTES = 64 << 20
+# SAM 2: Hiera's MLPs run a separate GELU pass over large maps that oneDNN fuses, and its linear layers
+# ran 11 % faster through oneDNN (Hiera-T, 102 MiB of linear weights; docs/speed.md, "SAM 2"), so the
+# lossless preset packs Hiera-T and Hiera-S (129 MiB), not Hiera-B+ / -L.
+ONEDNN_ENCODER_MAX_BYTES_SAM2 = 160 << 20
 
 
 def _onednn():
@@ -326,7 +338,8 @@ def apply(model: torch.nn.Module, config: Optional[SpeedConfig] = None) -> torch
             and config.encoder_dtype is None and not config.compile and _onednn().available()):
         linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in encoder.modules()
                            if type(m) is torch.nn.Linear)
-        if config.onednn_encoder or linear_bytes <= ONEDNN_ENCODER_MAX_BYTES:
+        limit = ONEDNN_ENCODER_MAX_BYTES_SAM2 if getattr(model, "family", "sam") == "sam2" else ONEDNN_ENCODER_MAX_BYTES
+        if config.onednn_encoder or linear_bytes <= limit:
             encoder = onednn_encoder(encoder)
     islands = float32_modules(model, config)
     if islands:

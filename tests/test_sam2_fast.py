@@ -363,3 +363,36 @@ def test_gpu_auto_matches_cpu_faithful(manifest, model):
     for name, (masks, _, _) in got.items():
         assert _min_iou(masks, want[name][0]) >= 0.98, name
     assert isinstance(SAM2ImagePredictor(gpu).model, type(model))
+
+
+# ---------------------------------------------------------------------------------------- bench
+@pytest.mark.golden
+def test_bench_sam2_rows_on_a_checkpoint():
+    """`anyseg bench`'s SAM 2 rows on a checkpoint file: encode and click, faithful vs lossless, medians
+    of alternated repeats, the CPU kind in the header."""
+    from anyseg.fast.benchmark import run_benchmark
+
+    out = run_benchmark(tasks=["sam2_encode", "sam2_click"], quick=True, devices=["cpu"], repeats=1,
+                        sam2_model_spec=str(_require(SAM2) / "sam2.1_golden.pt"), only_configs=["faithful", "lossless"],
+                        log=lambda s: None)
+    result = out["results"][0]
+    rows = result["rows"]
+    assert [(r["task"], r["config"]) for r in rows] == [("sam2_encode", "faithful"), ("sam2_encode", "lossless"),
+                                                        ("sam2_click", "faithful"), ("sam2_click", "lossless")]
+    assert all(r["wall"] > 0 and r["model"] == "sam2.1_golden" for r in rows)
+    assert "AVX512-BF16" in result["markdown"] and "sam2_click [sam2.1_golden]" in result["markdown"]
+    assert not result["meta"]["failures"]
+
+
+def test_bench_cli_checks_sam2_model_arguments():
+    from anyseg.cli.bench import main
+
+    assert main(["--tasks", "sam2_click", "--random-weights"]) == 2
+    assert main(["--tasks", "sam2_click", "--model", "sam2.1_hiera_q", "--random-weights", "--repeats", "1",
+                 "--configs", "faithful"]) == 2
+    from anyseg.fast.benchmark import sam2_model
+
+    with pytest.raises(ValueError, match="unknown SAM 2 model"):
+        sam2_model("sam2.1_hiera_q", torch.device("cpu"), True)
+    with pytest.raises(ValueError, match="random-weights"):
+        sam2_model(str(_require(SAM2) / "sam2.1_golden.pt"), torch.device("cpu"), True)

@@ -15,18 +15,27 @@ and with the fast paths of anyseg.speed (lossless, int8, bf16 where the CPU has 
 Speed rows use randomly initialised models (speed does not depend on the weights); quality rows compare
 each fast path with the faithful path on the golden checkpoints (found via --shared or $ANYSEG_SHARED).
 Prints markdown tables: wall and CPU seconds, speed-up, throughput, peak memory, mask IoU and
-segment-everything record matching. GPU rows are added when CUDA is available."""
+segment-everything record matching. GPU rows are added when CUDA is available.
+
+SAM 2 rows (sam2_encode: set_image; sam2_click: one point, three masks at the image size; sam2_amg:
+SAM2AutomaticMaskGenerator; sam2_quality: the golden SAM 2 checkpoint) time --model, by default the public
+SAM 2.1 tiny architecture with random weights; the configurations alternate within each repeat and the
+rows give medians. The CPU kind (ISA, AMX, AVX512-BF16) heads each table."""
 
 EXAMPLES = """\
 examples:
   anyseg bench --quick
   anyseg bench --tasks click amg --device cpu
   anyseg bench --json bench.json --markdown bench.md --note "quiet machine"
-  python benchmarks/bench_speed.py --quick"""
+  anyseg bench --tasks sam2_encode sam2_click --model sam2.1_hiera_s --random-weights
+  anyseg bench --tasks sam2_encode sam2_click --model ~/checkpoints/sam2.1_hiera_tiny.pt
+  python benchmarks/bench_speed.py --quick
+  python benchmarks/bench_sam2_image.py"""
 
 TASK_CHOICES = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality",
-                "encode_vit_h", "encode_vit_l")
-DEFAULT_TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality")
+                "encode_vit_h", "encode_vit_l", "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality")
+DEFAULT_TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality",
+                 "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality")
 
 
 def register(subparsers) -> None:
@@ -54,6 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "set_image per image; 8 on a GPU)")
     parser.add_argument("--amg-model", default=None, choices=("vit_t", "vit_b", "vit_l", "vit_h"),
                         help="model of the segment-everything rows (default vit_t on a CPU, vit_h on a GPU)")
+    parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                        help="model of the SAM 2 rows: a SAM 2 checkpoint file, or a public name (sam2.1_hiera_t, "
+                             "sam2_hiera_b+, ...) loaded from the local cache, or built with random weights with "
+                             "--random-weights (default: sam2.1_hiera_t with random weights)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="with --model NAME: that public architecture with random weights (speed does not depend "
+                             "on the weights; nothing is downloaded)")
+    parser.add_argument("--repeats", type=int, default=None, metavar="N",
+                        help="repeats of the SAM 2 rows (default: encode 5, click 30, segment everything 1; fewer "
+                             "with --quick)")
     parser.add_argument("--compile", action="store_true",
                         help="add a 'compiled' config: auto + torch.compile of the image encoder")
     parser.add_argument("--configs", nargs="+", default=None, metavar="NAME",
@@ -81,12 +100,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--amg-side must be >= 1, got {args.amg_side}")
     if args.encode_batch is not None and args.encode_batch < 1:
         raise ValueError(f"--encode-batch must be >= 1, got {args.encode_batch}")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.random_weights and args.model is None:
+        raise ValueError("--random-weights needs --model NAME (a public SAM 2 name such as sam2.1_hiera_t)")
     shared = Path(args.shared) if args.shared else None
     out = run_benchmark(tasks=args.tasks, quick=args.quick, devices=args.device,
                         image_path=Path(args.image) if args.image else None, shared=shared,
                         all_dtypes=args.all_dtypes, amg_side=args.amg_side, note=args.note,
                         encode_batch=args.encode_batch, amg_model=args.amg_model, compile=args.compile,
-                        only_configs=args.configs,
+                        only_configs=args.configs, sam2_model_spec=args.model,
+                        sam2_random_weights=True if args.random_weights else None, repeats=args.repeats,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     text = "\n\n".join(r["markdown"] for r in out["results"])
     print(text)

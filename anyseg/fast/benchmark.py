@@ -300,23 +300,32 @@ def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: Lis
     for failure in meta.get("failures", []):
         lines += [f"**{failure['task']} failed**: {failure['error']}", ""]
     mem = "peak CUDA alloc (MB)" if meta["device"].startswith("cuda") else "peak RSS (MB)"
+    if any("wall_min" in r for r in rows):
+        n = max(r.get("median_of", 1) for r in rows if "wall_min" in r)
+        lines += [f"SAM 2 rows: median of up to {n} repeats with the configurations alternating within each "
+                  "repeat (best wall time in parentheses); model in the task column.", ""]
     lines += [f"| task | config | wall (s) | CPU (s) | page faults | speedup | throughput | {mem} | fast paths |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         extra = f" ({r['n_masks']} masks)" if "n_masks" in r else ""
         if "per_image_ms" in r:
             extra = f" ({r['per_image_ms']:.1f} ms/img)"
+        if "model" in r:
+            extra += f" [{r['model']}]"
         faults = "-" if r.get("faults") is None else str(r["faults"])
-        lines.append(f"| {r['task']}{extra} | {r['config']} | {r['wall']:.3f} | {r['cpu']:.3f} | {faults} | "
+        wall = f"{r['wall']:.3f}" + (f" ({r['wall_min']:.3f})" if "wall_min" in r else "")
+        lines.append(f"| {r['task']}{extra} | {r['config']} | {wall} | {r['cpu']:.3f} | {faults} | "
                      f"{r['speedup']:.2f}x | {r['throughput']:.2f} {r['unit']} | {_mb(r['peak_bytes'])} | {r['describe']} |")
     if quality:
         lines += ["", "| model | config | min mask IoU vs faithful (worst case) | max IoU-score error | "
                       "AMG fast matched in faithful | AMG faithful matched in fast |",
                   "|---|---|---:|---:|---:|---:|"]
         for q in quality:
+            amg = ["-", "-"]
+            if "fast_in_faithful" in q:
+                amg = [f"{q['fast_in_faithful']:.3f} ({q['n_fast']})", f"{q['faithful_in_fast']:.3f} ({q['n_faithful']})"]
             lines.append(f"| {q['model']} | {q['config']} | {q['min_mask_iou']:.4f} ({q['worst_case']}) | "
-                         f"{q['max_score_err']:.2e} | {q['fast_in_faithful']:.3f} ({q['n_fast']}) | "
-                         f"{q['faithful_in_fast']:.3f} ({q['n_faithful']}) |")
+                         f"{q['max_score_err']:.2e} | {amg[0]} | {amg[1]} |")
     return "\n".join(lines)
 
 
@@ -324,11 +333,15 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
                   image_path: Optional[Path] = None, shared: Optional[Path] = None, all_dtypes: bool = False,
                   amg_side: Optional[int] = None, note: str = "", log: Callable[[str], None] = print,
                   encode_batch: Optional[int] = None, amg_model: Optional[str] = None,
-                  compile: bool = False, only_configs: Optional[List[str]] = None) -> Dict[str, Any]:
+                  compile: bool = False, only_configs: Optional[List[str]] = None,
+                  sam2_model_spec: Optional[str] = None, sam2_random_weights: Optional[bool] = None,
+                  repeats: Optional[int] = None) -> Dict[str, Any]:
     """Run the benchmark and return ``{"meta", "rows", "quality", "markdown"}`` per device.
 
     ``encode_batch`` / ``amg_model`` default to 1 / ``vit_t`` on a CPU and 8 / ``vit_h`` on a GPU (the
-    settings of the reference measurements)."""
+    settings of the reference measurements). The ``sam2_*`` tasks time ``sam2_model_spec`` (a checkpoint
+    file or a public SAM 2 name; default ``sam2.1_hiera_t`` with random weights, see :func:`sam2_model`)
+    with ``repeats`` alternated repeats (default by task)."""
     from ..imageio import load_image
 
     if devices is None:
@@ -347,7 +360,7 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
             raise ValueError("--device cuda asked for, but CUDA is not available")
         configs = speed_configs(device, all_dtypes, compile)
         if only_configs:
-            unknown = sorted(set(only_configs) - set(configs))
+            unknown = sorted(set(only_configs) - set(configs) - set(sam2_speed_configs(device, all_dtypes)))
             if unknown:
                 raise ValueError(f"unknown config(s) {', '.join(unknown)} on {device}; expected some of "
                                  f"{', '.join(configs)}")
@@ -364,7 +377,7 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
                 "device": str(device), "quick": quick, "note": note,
                 "image": f"{image.shape[1]}x{image.shape[0]}"}
         log(f"== {meta['machine']} [{dev}]")
-        speed_tasks = [t for t in tasks if t != "quality"]
+        speed_tasks = [t for t in tasks if t != "quality" and not t.startswith("sam2_")]
         failures: List[Dict[str, str]] = []
         rows = run_speed(device, speed_tasks, quick, image, configs, amg_side, log, batch, amg_variant, failures)
         quality = []
@@ -373,7 +386,288 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
                 log("  quality skipped: golden data not found (set ANYSEG_SHARED or --shared)")
             else:
                 quality = run_quality(shared, configs, quick, log, device)
+        if any(t.startswith("sam2_") for t in tasks):
+            configs2 = sam2_speed_configs(device, all_dtypes)
+            if only_configs:
+                configs2 = {k: v for k, v in configs2.items() if k in only_configs}
+            spec = sam2_model_spec or SAM2_DEFAULT_MODEL
+            random_weights = sam2_random_weights if sam2_random_weights is not None else sam2_model_spec is None
+            rows += run_sam2_speed(device, tasks, quick, image, configs2, spec, random_weights, amg_side, repeats,
+                                   log, failures)
+            if "sam2_quality" in tasks:
+                if shared is None or not (shared / "golden" / "sam2" / "manifest.json").exists():
+                    log("  sam2 quality skipped: golden SAM 2 data not found (set ANYSEG_SHARED or --shared)")
+                else:
+                    quality += run_sam2_quality(shared, configs2, quick, log, device)
         meta["failures"] = failures
         results.append({"meta": meta, "rows": rows, "quality": quality,
                         "markdown": format_tables(meta, rows, quality)})
     return {"results": results}
+
+
+# ------------------------------------------------------------------------------------------- SAM 2
+SAM2_TASKS = ("sam2_encode", "sam2_click", "sam2_amg", "sam2_quality")
+SAM2_DEFAULT_MODEL = "sam2.1_hiera_t"
+
+
+def sam2_speed_configs(device: torch.device, all_dtypes: bool = False) -> Dict[str, SpeedConfig]:
+    """The configurations of the SAM 2 rows: faithful, lossless, a bfloat16 trunk where the CPU has native
+    bfloat16 (or ``all_dtypes``) / a float16 trunk on a GPU, and auto."""
+    configs = {"faithful": SpeedConfig.faithful(), "lossless": SpeedConfig.lossless()}
+    if device.type == "cpu":
+        if all_dtypes or cpu_capabilities()["bf16_matmul"]:
+            configs["bf16"] = SpeedConfig.lossless(encoder_dtype=torch.bfloat16)
+    else:
+        configs["fp16"] = SpeedConfig.lossless(encoder_dtype=torch.float16, encoder_cast=True)
+    configs["auto"] = SpeedConfig.auto(device)
+    return configs
+
+
+def sam2_model(spec: str, device: torch.device, random_weights: bool = False):
+    """A SAM 2 model for the speed rows: ``spec`` a checkpoint file (its weights), or a public name
+    (``sam2.1_hiera_t``, ``sam2_hiera_b+``, ...): with ``random_weights`` built from that configuration
+    with random weights (seed 0; the zero-initialised embeddings perturbed as the golden model's are),
+    else loaded through :func:`anyseg.load_model` (the local cache, see ``anyseg.hub``). Speed does not
+    depend on the weights."""
+    from ..config_sam2 import SAM2_VARIANTS
+    from ..modeling.sam2 import build_sam2_model
+
+    path = Path(spec)
+    if path.is_file():
+        if random_weights:
+            raise ValueError(f"--random-weights takes a public SAM 2 name ({', '.join(SAM2_VARIANTS)}), not a file")
+        from ..checkpoint import load_model
+
+        return load_model(path, device=device)
+    if spec not in SAM2_VARIANTS:
+        raise ValueError(f"unknown SAM 2 model {spec!r}: give a checkpoint file or one of {', '.join(SAM2_VARIANTS)}")
+    if not random_weights:
+        from ..checkpoint import load_model
+
+        return load_model(spec, device=device)
+    torch.manual_seed(0)
+    model = build_sam2_model(SAM2_VARIANTS[spec]).eval()
+    with torch.no_grad():
+        trunk = model.image_encoder.trunk
+        for p in (trunk.pos_embed, trunk.pos_embed_window, model.no_mem_embed):
+            p.normal_(0.0, 0.3)
+    return model.to(device)
+
+
+class _SpeedStates:
+    """:func:`anyseg.speed.apply` once per configuration, then switch between them cheaply (the kept
+    runtimes, packed weights and fused flags), so that configurations can alternate repeat by repeat."""
+
+    def __init__(self, model, configs: Dict[str, SpeedConfig]) -> None:
+        self.model = model
+        self.states: Dict[str, tuple] = {}
+        self._flagged = [m for m in model.modules() if hasattr(m, "fused")]
+        for name, config in configs.items():
+            apply(model, config)
+            self.states[name] = (getattr(model, "speed_config", None), getattr(model, "speed_runtime", None),
+                                 [m.fused for m in self._flagged])
+
+    def use(self, name: str) -> None:
+        config, runtime, flags = self.states[name]
+        self.model.speed_config, self.model.speed_runtime = config, runtime
+        for module, flag in zip(self._flagged, flags):
+            module.fused = flag
+
+    def close(self) -> None:
+        apply(self.model, SpeedConfig.faithful())
+
+
+def _alternate(fns: Dict[str, Callable[[], Any]], switch: Callable[[str], None], device: torch.device,
+               repeats: int, warmup: int, memory: bool) -> Dict[str, Dict[str, Any]]:
+    """Time each ``fns[name]`` ``repeats`` times, the configurations alternating within each repeat
+    (so that changes of machine load hit them alike); medians of wall and CPU time, the best wall time,
+    page faults of the median repeat, and peak memory (``memory``: sampled per call)."""
+    for name, fn in fns.items():
+        switch(name)
+        for _ in range(warmup):
+            torch.inference_mode()(fn)()
+    samples: Dict[str, List[tuple]] = {name: [] for name in fns}
+    peaks: Dict[str, int] = {name: 0 for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            switch(name)
+            fn_i = torch.inference_mode()(fn)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            mem = PeakMemory(device) if memory else None
+            if mem is not None:
+                mem.__enter__()
+            w0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
+            fn_i()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu, f1 = time.perf_counter() - w0, time.process_time() - c0, _minor_faults()
+            if mem is not None:
+                mem.__exit__(None, None, None)
+                peaks[name] = max(peaks[name], mem.peak)
+            samples[name].append((wall, cpu, None if f0 is None else f1 - f0))
+    out = {}
+    for name, rows in samples.items():
+        walls = sorted(r[0] for r in rows)
+        median = rows[sorted(range(len(rows)), key=lambda i: rows[i][0])[len(rows) // 2]]
+        out[name] = {"wall": float(np.median(walls)), "wall_min": walls[0], "cpu": float(np.median([r[1] for r in rows])),
+                     "faults": median[2], "peak_bytes": peaks[name] or _rss_bytes(), "repeats": len(rows)}
+    return out
+
+
+def run_sam2_speed(device: torch.device, tasks, quick: bool, image: np.ndarray, configs: Dict[str, SpeedConfig],
+                   model_spec: str = SAM2_DEFAULT_MODEL, random_weights: bool = True, amg_side: Optional[int] = None,
+                   repeats: Optional[int] = None, log: Callable[[str], None] = print,
+                   failures: Optional[List[Dict[str, str]]] = None) -> List[Dict[str, Any]]:
+    """SAM 2 rows: ``sam2_encode`` (``SAM2ImagePredictor.set_image``), ``sam2_click`` (one point, three
+    masks at the image size, numpy out, as ``predict`` returns them) and ``sam2_amg``
+    (``SAM2AutomaticMaskGenerator``; skipped with a note where it does not exist). Configurations
+    alternate within each repeat; the rows give medians."""
+    from ..sam2_predictor import SAM2ImagePredictor
+
+    failures = [] if failures is None else failures
+    rows: List[Dict[str, Any]] = []
+    speed_tasks = [t for t in tasks if t in ("sam2_encode", "sam2_click", "sam2_amg")]
+    if not speed_tasks:
+        return rows
+    model = sam2_model(model_spec, device, random_weights)
+    label = Path(model_spec).stem if Path(model_spec).is_file() else model_spec
+    label += " (random weights)" if random_weights else ""
+    states = _SpeedStates(model, configs)
+
+    def add(task: str, name: str, result: Dict[str, Any], work: float, unit: str) -> None:
+        row = {"task": task, "config": name, "describe": configs[name].describe(), "model": label, **result,
+               "throughput": work / result["wall"], "unit": unit, "median_of": result["repeats"]}
+        base = next((r for r in rows if r["task"] == task and r["config"] == "faithful"), None)
+        row["speedup"] = base["wall"] / row["wall"] if base else 1.0
+        rows.append(row)
+        log(f"  {task:<16} {name:<9} wall {row['wall']:.3f}s (best {row['wall_min']:.3f}) cpu {row['cpu']:.3f}s "
+            f"x{row['speedup']:.2f}")
+
+    def run_task(task: str) -> None:
+        if task == "sam2_encode":
+            predictors = {name: SAM2ImagePredictor(model) for name in configs}
+            reps = repeats or (3 if quick else 5)
+            res = _alternate({n: (lambda p=p: p.set_image(image)) for n, p in predictors.items()}, states.use,
+                             device, reps, 1, memory=True)
+            for name in configs:
+                add("sam2_encode", name, res[name], 1.0, "img/s")
+        elif task == "sam2_click":
+            predictors = {}
+            for name in configs:
+                states.use(name)
+                predictors[name] = SAM2ImagePredictor(model)
+                predictors[name].set_image(image)
+            point, label_ = np.array([[image.shape[1] * 0.5, image.shape[0] * 0.55]]), np.array([1])
+            reps = repeats or (10 if quick else 30)
+            res = _alternate({n: (lambda p=p: p.predict(point, label_, multimask_output=True))
+                              for n, p in predictors.items()}, states.use, device, reps, 3, memory=False)
+            for name in configs:
+                add("sam2_click", name, res[name], 1.0, "click/s")
+        elif task == "sam2_amg":
+            try:
+                from ..sam2_automatic import SAM2AutomaticMaskGenerator
+            except ImportError:
+                log("  sam2_amg skipped: anyseg.sam2_automatic.SAM2AutomaticMaskGenerator is not available")
+                failures.append({"task": task, "error": "skipped: SAM2AutomaticMaskGenerator not available"})
+                return
+            side = amg_side or (16 if quick else 32)
+            counts: Dict[str, int] = {}
+
+            def generate(name: str) -> Callable[[], None]:
+                generator = SAM2AutomaticMaskGenerator(model, points_per_side=side, output_mode="uncompressed_rle")
+                return lambda: counts.__setitem__(name, len(generator.generate(image)))
+
+            res = _alternate({n: generate(n) for n in configs}, states.use, device, repeats or 1, 0, memory=True)
+            for name in configs:
+                add(f"sam2_amg_{side}x{side}", name, res[name], side * side, "points/s")
+                rows[-1]["n_masks"] = counts[name]
+
+    try:
+        for task in speed_tasks:
+            try:
+                run_task(task)
+            except Exception as exc:  # one broken row must not lose the others
+                import traceback
+
+                log(f"  {task}: FAILED ({type(exc).__name__}: {exc})")
+                log(traceback.format_exc())
+                failures.append({"task": task, "error": f"{type(exc).__name__}: {exc}"})
+            gc.collect()
+    finally:
+        states.close()
+    return rows
+
+
+def run_sam2_quality(shared: Path, configs: Dict[str, SpeedConfig], quick: bool, log: Callable[[str], None] = print,
+                     device: torch.device = torch.device("cpu")) -> List[Dict[str, Any]]:
+    """Fast-vs-faithful quality on the golden SAM 2 checkpoint: min mask IoU over the manifest's
+    predictor cases (truck.jpg and dog.jpg; dog.jpg with ``quick``), the largest IoU-score difference,
+    and segment-everything records matched both ways (the manifest's first AMG case) where
+    ``SAM2AutomaticMaskGenerator`` exists. Fast paths on ``device``, the faithful path on the CPU."""
+    import json
+
+    from ..checkpoint import load_model
+    from ..imageio import load_image
+    from ..sam2_predictor import SAM2ImagePredictor
+    from .quality import mask_iou, match_records
+
+    root = shared / "golden" / "sam2"
+    manifest = json.loads((root / "manifest.json").read_text())
+    reference = load_model(root / "sam2.1_golden.pt")
+    fast_model = reference if device.type == "cpu" else load_model(root / "sam2.1_golden.pt", device=device)
+    entries = [e for e in manifest["image"] if not quick or e["image"] == "dog.jpg"]
+
+    def outputs(model, entry, image):
+        golden = np.load(root / entry["file"])
+        predictor = SAM2ImagePredictor(model)
+        predictor.set_image(image)
+        out = {}
+        for case in entry["cases"]:
+            kwargs = {k: (golden[v].astype(np.float32) if k == "mask_input" else
+                          np.array(v) if isinstance(v, list) else v) for k, v in case["args"].items()}
+            out[case["name"]] = predictor.predict(**kwargs)
+        return out
+
+    images = {e["image"]: load_image(shared / "images" / e["image"]) for e in entries}
+    apply(reference, SpeedConfig.faithful())
+    want = {e["image"]: outputs(reference, e, images[e["image"]]) for e in entries}
+    amg = None
+    try:
+        from ..sam2_automatic import SAM2AutomaticMaskGenerator
+
+        amg_case = manifest["amg"][0]
+        amg_image = load_image(shared / "images" / manifest.get("amg_image", "groceries.jpg"))
+        amg_params = dict(amg_case["params"], output_mode="uncompressed_rle")
+        amg = (SAM2AutomaticMaskGenerator, amg_image, amg_params,
+               SAM2AutomaticMaskGenerator(reference, **amg_params).generate(amg_image))
+    except ImportError:
+        log("  sam2 quality: SAM2AutomaticMaskGenerator not available, no segment-everything matching")
+    rows = []
+    for name, config in configs.items():
+        if name == "faithful" and device.type == "cpu":
+            continue
+        apply(fast_model, config)
+        per_case: Dict[str, float] = {}
+        score_err = 0.0
+        for entry in entries:
+            got = outputs(fast_model, entry, images[entry["image"]])
+            for case, (masks, scores, _) in got.items():
+                masks0, scores0, _ = want[entry["image"]][case]
+                flat, flat0 = masks.reshape(-1, *masks.shape[-2:]), masks0.reshape(-1, *masks0.shape[-2:])
+                iou = min(mask_iou(a > 0, b > 0) for a, b in zip(flat, flat0))
+                key = f"{Path(entry['image']).stem}:{case}"
+                per_case[key] = min(per_case.get(key, 1.0), iou)
+                score_err = max(score_err, float(np.abs(scores - scores0).max()))
+        row = {"model": "sam2.1 golden", "config": name, "min_mask_iou": min(per_case.values()),
+               "worst_case": min(per_case, key=per_case.get), "max_score_err": score_err}
+        if amg is not None:
+            generator_cls, amg_image, amg_params, ref_records = amg
+            records = generator_cls(fast_model, **amg_params).generate(amg_image)
+            match = match_records(records, ref_records)
+            row.update(fast_in_faithful=match["a_in_b"], faithful_in_fast=match["b_in_a"], n_fast=match["n_a"],
+                       n_faithful=match["n_b"])
+        apply(fast_model, SpeedConfig.faithful())
+        rows.append(row)
+        log(f"  quality sam2.1 golden {name:<9} min IoU {row['min_mask_iou']:.4f} ({row['worst_case']})")
+    return rows
