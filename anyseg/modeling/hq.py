@@ -73,8 +73,8 @@ class HQMaskDecoder(MaskDecoder):
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
-        sparse: torch.Tensor,
-        dense: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         *,
         interm_embeddings: Optional[torch.Tensor] = None,
@@ -92,7 +92,8 @@ class HQMaskDecoder(MaskDecoder):
             if interm_embeddings is None:
                 raise ValueError("the HQ decoder needs the image's interm_embeddings or hq_features")
             hq_features = self.hq_features(image_embeddings, interm_embeddings)
-        sam_masks, hq_mask, iou = self.predict_all(image_embeddings, image_pe, sparse, dense, hq_features)
+        sam_masks, hq_mask, iou = self.predict_all(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                   dense_prompt_embeddings, hq_features)
         if multimask_output:
             iou, best = torch.max(iou[:, 1:], dim=1)
             iou = iou.unsqueeze(1)

@@ -43,21 +43,24 @@ class MaskDecoder(nn.Module):
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
-        sparse: torch.Tensor,
-        dense: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Decode ``B`` prompts.
+        """Decode ``B`` prompts. The parameter names are the reference's, so code written for
+        ``segment_anything`` may pass them by keyword.
 
         Args:
             image_embeddings: ``1 x C x h x w`` (shared by every prompt) or ``B x C x h x w``.
             image_pe: ``1 x C x h x w`` dense positional encoding.
-            sparse: ``B x T x C`` prompt tokens; dense: ``B x C x h x w``.
+            sparse_prompt_embeddings: ``B x T x C`` prompt tokens.
+            dense_prompt_embeddings: ``B x C x h x w``.
         Returns:
             low-res mask logits ``B x k x 4h x 4w`` and predicted IoU ``B x k``; k = 3 with
             ``multimask_output`` (masks 1..3), else 1 (mask 0).
         """
-        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense)
+        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                        dense_prompt_embeddings)
         if multimask_output:
             return masks[:, 1:], iou[:, 1:]
         return masks[:, :1], iou[:, :1]

@@ -2,7 +2,7 @@
 original image frame and the model frame. Only :func:`build_sam` knows how the parts are built."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,48 @@ class Sam(nn.Module):
         ``hq_token_only``); an HQ decoder returns k = 1 mask per prompt."""
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
                                  multimask_output, **hq_options)
+
+    @torch.no_grad()
+    def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool,
+                hq_token_only: bool = False) -> List[Dict[str, torch.Tensor]]:
+        """The reference's end-to-end call: images and model-frame prompts in, masks out (no gradients).
+
+        Args:
+            batched_input: one dict per image, with ``"image"`` (``3 x h x w`` RGB in [0, 255], already
+                resized so that its long side is ``img_size``, e.g. by ``ResizeLongestSide.apply_image``),
+                ``"original_size"`` (``(H, W)`` before resizing) and optionally ``"point_coords"``
+                (``B x N x 2``, model frame) with ``"point_labels"`` (``B x N``), ``"boxes"`` (``B x 4``,
+                model frame) and ``"mask_inputs"`` (``B x 1 x 4g x 4g`` low-res logits).
+            multimask_output: three masks per prompt (masks 1..3) instead of one (mask 0).
+            hq_token_only: HQ-SAM only (as segment-anything-hq's ``forward``): the HQ mask alone.
+        Returns:
+            one dict per image: ``"masks"`` (``B x k x H x W`` bool), ``"iou_predictions"`` (``B x k``)
+            and ``"low_res_logits"`` (``B x k x 4g x 4g``).
+        """
+        if hq_token_only and not self.is_hq:
+            raise ValueError("hq_token_only needs an HQ-SAM model")
+        images = torch.stack([self.preprocess(record["image"]) for record in batched_input], dim=0)
+        if self.is_hq:
+            embeddings, interms = self.encode_image(images, return_interm=True)
+        else:
+            embeddings, interms = self.encode_image(images), None
+        outputs = []
+        for i, record in enumerate(batched_input):
+            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
+            sparse, dense = self.prompt_encoder(points=points, boxes=record.get("boxes"),
+                                                masks=record.get("mask_inputs"))
+            hq_options = {}
+            if interms is not None:
+                hq_options = dict(interm_embeddings=interms[i : i + 1], hq_token_only=hq_token_only)
+            low_res, iou = self.mask_decoder(image_embeddings=embeddings[i : i + 1],
+                                             image_pe=self.prompt_encoder.get_dense_pe(),
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=multimask_output, **hq_options)
+            masks = self.postprocess_masks(low_res, input_size=tuple(record["image"].shape[-2:]),
+                                           original_size=tuple(record["original_size"]))
+            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou,
+                            "low_res_logits": low_res})
+        return outputs
 
     def postprocess_masks(self, masks: torch.Tensor, input_size: Tuple[int, int],
                           original_size: Tuple[int, int]) -> torch.Tensor:

@@ -54,19 +54,30 @@ class Sam2MaskDecoder(MaskDecoder):
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
-        sparse: torch.Tensor,
-        dense: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        repeat_image: Optional[bool] = None,
         high_res_features: Optional[Sequence[torch.Tensor]] = None,
     ) -> DecoderOutput:
         """Decode ``B`` prompts against one image (``1 x C x h x w``, repeated) or ``B`` images.
 
+        The parameter names and order are the reference's (``sam2``), so code written for it may pass
+        them by keyword. ``sparse_prompt_embeddings``: ``B x T x C``; ``dense_prompt_embeddings``:
+        ``B x C x h x w``. ``repeat_image``: the reference's switch between one image for every prompt
+        (True) and one image per prompt (False); here both layouts are recognised from the batch size,
+        so None accepts either, True requires a single image and False ``B`` images.
         ``high_res_features``: ``[B' x 32 x 4h x 4w, B' x 64 x 2h x 2w]`` (B' = 1 or B).
         With ``multimask_output`` masks 1..3; else mask 0, or under the dynamic fallback the best of
-        1..3 when mask 0 is unstable.
+        1..3 when mask 0 is unstable. Returns a :class:`DecoderOutput`, which unpacks as the
+        reference's ``(masks, iou_pred, sam_tokens_out, object_score_logits)``.
         """
-        masks, iou, mask_tokens, object_score = self.predict_all(image_embeddings, image_pe, sparse, dense,
-                                                                  high_res_features)
+        b, n = sparse_prompt_embeddings.shape[0], image_embeddings.shape[0]
+        if repeat_image is not None and n != (1 if repeat_image else b):
+            raise ValueError(f"repeat_image={repeat_image} expects {1 if repeat_image else b} image embeddings "
+                             f"for {b} prompts, got {n}")
+        masks, iou, mask_tokens, object_score = self.predict_all(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                                  dense_prompt_embeddings, high_res_features)
         if multimask_output:
             masks, iou = masks[:, 1:], iou[:, 1:]
         elif self.dynamic_multimask and not self.training:
