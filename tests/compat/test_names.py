@@ -1,22 +1,15 @@
-"""Drop-in names for code written against ``segment_anything`` (and MobileSAM's package).
+"""Names for code written against ``segment_anything`` (and MobileSAM's package).
 
-Three kinds of tests:
-- the builders (``sam_model_registry``, ``build_sam*``), the model attributes that user code reads,
-  and the adapters of ``anyseg.utils`` (``ResizeLongestSide`` against ``anyseg.geometry`` with
-  property tests, ``anyseg.utils.amg`` against ``anyseg.masks``);
-- programs in the style of the reference's own usage (its automatic-mask script, the batched-box
-  pattern of its predictor notebook, the export recipe and client half of its ONNX notebook), written
-  for this suite with only the import changed (and PIL where they read images with OpenCV), run on
-  the golden checkpoints: their results must equal anyseg's own API outputs (and the golden data);
-- the package-level names (``anyseg.sam_model_registry``, ...), skipped until the export table
-  lists them.
+- the builders (``sam_model_registry``, ``build_sam*``) and the model attributes that user code reads;
+- the adapters of ``anyseg.utils``: ``ResizeLongestSide`` against ``anyseg.geometry`` (property tests)
+  and ``anyseg.utils.amg`` against ``anyseg.masks``;
+- the package-level names (``anyseg.sam_model_registry``, ...), skipped until the export table lists
+  them.
+
+The programs written in the style of the reference's own usage are in this folder's other modules.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import os
 import warnings
 from pathlib import Path
 
@@ -39,11 +32,11 @@ from anyseg.geometry import (
 )
 from anyseg.modeling.sam import Sam
 from anyseg.modeling.sam import build_sam as build_from_config
-from conftest import check_golden_outputs, mask_iou
+from compat_helpers import GOLDEN_IDS, GOLDEN_MODELS, PARAMS, golden_models  # noqa: F401 (fixture)
 
 # The imports user code makes, with ``segment_anything`` replaced by ``anyseg`` (registry and builders
 # from the module that defines them; the package-level names are tested at the end).
-from anyseg import SamAutomaticMaskGenerator, SamPredictor
+from anyseg import SamPredictor
 from anyseg.dropin import (
     build_sam,
     build_sam_vit_b,
@@ -54,31 +47,6 @@ from anyseg.dropin import (
 )
 from anyseg.utils import amg as reference_amg
 from anyseg.utils.transforms import ResizeLongestSide
-
-#: (registry key, golden checkpoint). The small ViT has no key of its own: it loads under ``vit_b``
-#: with a warning that names the architecture the file holds.
-GOLDEN_MODELS = [("vit_t", "mobilesam_checkpoint.pth"), ("vit_b", "vit_small_checkpoint.pth")]
-GOLDEN_IDS = ["mobilesam", "vit_small"]
-MISMATCH = "ignore:sam_model_registry"
-
-#: Parameter counts of the reference architectures (whole model: encoder, prompt encoder, decoder).
-PARAMS = {"vit_h": 641_090_608, "vit_l": 312_342_832, "vit_b": 93_735_472}
-
-
-def read_rgb(path) -> np.ndarray:
-    """What ``cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)`` gives in the reference's programs."""
-    return np.array(Image.open(path).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def golden_models(golden_dir):
-    """``{registry key: (model through the registry, model through load_model)}``."""
-    out = {}
-    for key, name in GOLDEN_MODELS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            out[key] = (sam_model_registry[key](checkpoint=golden_dir / name), load_model(golden_dir / name))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,60 +167,6 @@ def test_build_sam_takes_a_config_or_a_checkpoint(golden_dir):
         build_sam(42)
     with pytest.raises(TypeError, match="two checkpoints"):
         build_sam(str(path), checkpoint=path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model attributes and calls of fine-tuning scripts written for the reference
-# --------------------------------------------------------------------------------------------------
-
-
-def test_model_attributes_user_code_reads(golden_models):
-    sam, _ = golden_models["vit_t"]
-    assert sam.mask_threshold == 0.0 and sam.image_format == "RGB" and sam.device == torch.device("cpu")
-    assert sam.image_encoder.img_size == 1024
-    assert sam.prompt_encoder.embed_dim == 256
-    assert tuple(sam.prompt_encoder.image_embedding_size) == (64, 64)
-    assert sam.prompt_encoder.get_dense_pe().shape == (1, 256, 64, 64)
-    assert sam.pixel_mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53])
-    assert sam.pixel_std.flatten().tolist() == pytest.approx([58.395, 57.12, 57.375])
-
-
-def test_fine_tuning_style_calls(golden_models, images_dir):
-    """MedSAM-style: frozen encoder, box prompt through the prompt encoder, decoder, postprocess; the
-    result equals the predictor's box prediction."""
-    sam, _ = golden_models["vit_t"]
-    image = read_rgb(images_dir / "dog.jpg")
-    box = np.array([40, 27, 400, 267])
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
-    x = torch.as_tensor(transform.apply_image(image)).permute(2, 0, 1)[None].float()
-    with torch.no_grad():
-        embedding = sam.image_encoder(sam.preprocess(x))
-        box_torch = torch.as_tensor(transform.apply_boxes(box, image.shape[:2]))[:, None, :]
-        sparse, dense = sam.prompt_encoder(points=None, boxes=box_torch, masks=None)
-        low_res, iou = sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, False)
-        masks = sam.postprocess_masks(low_res, input_size=tuple(x.shape[-2:]), original_size=image.shape[:2])
-    predictor = SamPredictor(sam)
-    predictor.set_image(image)
-    want_masks, want_iou, want_low_res = predictor.predict(box=box, multimask_output=False)
-    assert torch.equal(embedding, predictor.get_image_embedding())
-    np.testing.assert_array_equal(low_res[0].numpy(), want_low_res)
-    np.testing.assert_array_equal(iou[0].numpy(), want_iou)
-    np.testing.assert_array_equal((masks[0] > sam.mask_threshold).numpy(), want_masks)
-
-
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="MaskDecoder.forward names its prompt arguments sparse / dense; the reference's "
-                          "keywords are sparse_prompt_embeddings / dense_prompt_embeddings "
-                          "(anyseg/modeling/mask_decoder.py)")
-def test_mask_decoder_reference_keywords(golden_models):
-    sam, _ = golden_models["vit_t"]
-    sparse, dense = sam.prompt_encoder(points=None, boxes=torch.tensor([[10.0, 20.0, 300.0, 400.0]]), masks=None)
-    with torch.no_grad():
-        low_res, iou = sam.mask_decoder(image_embeddings=torch.zeros(1, 256, 64, 64),
-                                        image_pe=sam.prompt_encoder.get_dense_pe(),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=False)
-    assert low_res.shape == (1, 1, 256, 256) and iou.shape == (1, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,303 +327,6 @@ def test_mask_data_and_batch_iterator():
     assert [b[1] for b in batches] == [["a", "b"], ["c", "d"], ["e"]]
     with pytest.raises(ValueError, match="one length"):
         list(batch_iterator(2, [1, 2], [1]))
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference-style programs: the predictor notebook's batched prompts
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.golden
-@pytest.mark.filterwarnings(MISMATCH)
-@pytest.mark.parametrize("model_type,checkpoint", GOLDEN_MODELS, ids=GOLDEN_IDS)
-def test_predictor_notebook_batched_boxes(model_type, checkpoint, golden_dir, images_dir, manifest):
-    # --- as in the reference's predictor notebook, with the import changed ---
-    sam = sam_model_registry[model_type](checkpoint=golden_dir / checkpoint)
-    sam.to(device="cpu")
-    predictor = SamPredictor(sam)
-    image = read_rgb(images_dir / "truck.jpg")
-    predictor.set_image(image)
-    name = "mobilesam" if model_type == "vit_t" else "vit_small"
-    spec = next(p for p in manifest[name]["predictor"] if p["image"] == "truck.jpg")
-    case = next(c for c in spec["cases"] if c["name"] == "batched_boxes")
-    input_boxes = torch.tensor(case["boxes"], device=predictor.device)
-    transformed_boxes = predictor.transform.apply_boxes_torch(input_boxes, image.shape[:2])
-    masks, scores, logits = predictor.predict_torch(
-        point_coords=None,
-        point_labels=None,
-        boxes=transformed_boxes,
-        multimask_output=False,
-    )
-    # --- the same as the golden data and as anyseg's own API ---
-    check_golden_outputs("batched_boxes", np.load(golden_dir / spec["file"]), masks.numpy(), scores.numpy(),
-                         logits.numpy())
-    ours = predictor  # anyseg's own API on the same embedding
-    want = ours.predict_batch(boxes=np.array(case["boxes"]))
-    np.testing.assert_array_equal(masks.numpy(), want.masks)
-    np.testing.assert_array_equal(scores.numpy(), want.scores)
-    np.testing.assert_array_equal(logits.numpy(), want.low_res_logits)
-
-    # points and boxes together, one object per row (apply_coords_torch + apply_boxes_torch)
-    points = torch.tensor([[[500.0, 375.0]], [[1125.0, 625.0]]])
-    labels = torch.tensor([[1], [1]])
-    boxes = torch.tensor([[75.0, 275.0, 1725.0, 850.0], [425.0, 600.0, 700.0, 875.0]])
-    masks, scores, logits = predictor.predict_torch(
-        point_coords=predictor.transform.apply_coords_torch(points, image.shape[:2]),
-        point_labels=labels,
-        boxes=predictor.transform.apply_boxes_torch(boxes, image.shape[:2]),
-        multimask_output=True,
-    )
-    for i in range(2):
-        m, s, lr = ours.predict(point_coords=points[i].numpy(), point_labels=labels[i].numpy(),
-                                box=boxes[i].numpy(), multimask_output=True)
-        np.testing.assert_allclose(scores[i].numpy(), s, atol=1e-5)
-        np.testing.assert_allclose(logits[i].numpy(), lr, atol=1e-3)
-        assert (masks[i].numpy() == m).mean() > 0.9999
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference-style programs: the automatic mask generation script
-# --------------------------------------------------------------------------------------------------
-
-
-def amg_script(argv) -> None:
-    """The flow of the reference's ``scripts/amg.py`` (flags, builder, generator, outputs), written here
-    with only the import changed (and PIL for reading / writing images)."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--input", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--model-type", default="default")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--convert-to-rle", action="store_true")
-    for flag, kind in [("points-per-side", int), ("points-per-batch", int), ("pred-iou-thresh", float),
-                       ("stability-score-thresh", float), ("stability-score-offset", float),
-                       ("box-nms-thresh", float), ("crop-n-layers", int), ("crop-nms-thresh", float),
-                       ("crop-overlap-ratio", float), ("crop-n-points-downscale-factor", int),
-                       ("min-mask-region-area", int)]:
-        parser.add_argument(f"--{flag}", type=kind, default=None)
-    args = parser.parse_args(argv)
-
-    sam = sam_model_registry[args.model_type](checkpoint=args.checkpoint)
-    _ = sam.to(device=args.device)
-    output_mode = "coco_rle" if args.convert_to_rle else "binary_mask"
-    names = ["points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-             "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
-             "crop_n_points_downscale_factor", "min_mask_region_area"]
-    amg_kwargs = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    generator = SamAutomaticMaskGenerator(sam, output_mode=output_mode, **amg_kwargs)
-
-    targets = [args.input] if not os.path.isdir(args.input) else sorted(
-        os.path.join(args.input, f) for f in os.listdir(args.input))
-    os.makedirs(args.output, exist_ok=True)
-    for t in targets:
-        image = read_rgb(t)
-        masks = generator.generate(image)
-        base = os.path.join(args.output, os.path.splitext(os.path.basename(t))[0])
-        if output_mode == "binary_mask":
-            os.makedirs(base, exist_ok=False)
-            header = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
-                      "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
-            lines = [header]
-            for i, ann in enumerate(masks):
-                Image.fromarray(ann["segmentation"].astype(np.uint8) * 255).save(os.path.join(base, f"{i}.png"))
-                row = [str(i), str(ann["area"]), *[str(x) for x in ann["bbox"]],
-                       *[str(x) for x in ann["point_coords"][0]], str(ann["predicted_iou"]),
-                       str(ann["stability_score"]), *[str(x) for x in ann["crop_box"]]]
-                lines.append(",".join(row))
-            with open(os.path.join(base, "metadata.csv"), "w") as f:
-                f.write("\n".join(lines))
-        else:
-            with open(base + ".json", "w") as f:
-                json.dump(masks, f)
-
-
-@pytest.mark.golden
-def test_amg_script_coco_rle(golden_dir, images_dir, manifest, tmp_path):
-    spec = manifest["mobilesam"]["amg"][0]  # every mask of a 6 x 6 grid kept: 108 records to compare
-    golden = json.loads((golden_dir / spec["file"]).read_text())
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in spec["params"].items()]
-    amg_script(["--input", str(images_dir / golden["image"]), "--output", str(tmp_path), "--model-type", "vit_t",
-                "--checkpoint", str(golden_dir / "mobilesam_checkpoint.pth"), "--convert-to-rle", *flags])
-    records = json.loads((tmp_path / (Path(golden["image"]).stem + ".json")).read_text())
-    # the reference's records (golden tolerances; test_golden_amg pins anyseg.MaskGenerator to the same
-    # data, and test_amg_script_binary_masks_folder compares the script with it record for record)
-    assert len(records) == len(golden["masks"]) == spec["n_masks"]
-    for ours, ref in zip(records, golden["masks"]):
-        assert ours["segmentation"]["size"] == ref["segmentation"]["size"]
-        assert mask_iou(M.coco_rle_to_mask(ours["segmentation"]), M.coco_rle_to_mask(ref["segmentation"])) >= 0.99
-        assert abs(ours["predicted_iou"] - ref["predicted_iou"]) <= 1e-3
-        assert abs(ours["stability_score"] - ref["stability_score"]) <= 1e-3
-        assert np.max(np.abs(np.subtract(ours["bbox"], ref["bbox"]))) <= 2
-        assert ours["point_coords"] == ref["point_coords"] and ours["crop_box"] == ref["crop_box"]
-
-
-@pytest.mark.golden
-@pytest.mark.filterwarnings(MISMATCH)
-def test_amg_script_binary_masks_folder(golden_dir, images_dir, tmp_path, golden_models):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    small = np.ascontiguousarray(read_rgb(images_dir / "groceries.jpg")[::2, ::2])
-    Image.fromarray(small).save(inputs / "groceries.png")
-    params = dict(points_per_side=4, pred_iou_thresh=-100.0, stability_score_thresh=-1.0, box_nms_thresh=0.9)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
-    amg_script(["--input", str(inputs), "--output", str(tmp_path / "out"), "--model-type", "vit_b",
-                "--checkpoint", str(golden_dir / "vit_small_checkpoint.pth"), *flags])
-    folder = tmp_path / "out" / "groceries"
-    rows = list(csv.DictReader((folder / "metadata.csv").open()))
-    want = anyseg.MaskGenerator(golden_models["vit_b"][1], **params).generate(small)
-    assert len(rows) == len(want) > 0
-    for i, (row, rec) in enumerate(zip(rows, want)):
-        saved = np.array(Image.open(folder / f"{i}.png")) > 0
-        np.testing.assert_array_equal(saved, rec["segmentation"])
-        assert int(row["area"]) == rec["area"]
-        assert [float(row[k]) for k in ("bbox_x0", "bbox_y0", "bbox_w", "bbox_h")] == rec["bbox"]
-        assert float(row["predicted_iou"]) == rec["predicted_iou"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference-style programs: the ONNX notebook (export recipe and client half)
-# --------------------------------------------------------------------------------------------------
-
-
-def reference_export(sam, path, return_single_mask=True, **kwargs) -> None:
-    """The reference's export recipe. ``dynamo=False``: torch >= 2.9 defaults to its new exporter,
-    which the recipe (and the reference's own module) predates."""
-    from anyseg.utils.onnx import SamOnnxModel
-
-    onnx_model = SamOnnxModel(sam, return_single_mask=return_single_mask, **kwargs)
-    dynamic_axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
-    embed_dim = sam.prompt_encoder.embed_dim
-    embed_size = sam.prompt_encoder.image_embedding_size
-    mask_input_size = [4 * x for x in embed_size]
-    dummy_inputs = {
-        "image_embeddings": torch.randn(1, embed_dim, *embed_size, dtype=torch.float),
-        "point_coords": torch.randint(low=0, high=1024, size=(1, 5, 2), dtype=torch.float),
-        "point_labels": torch.randint(low=0, high=4, size=(1, 5), dtype=torch.float),
-        "mask_input": torch.randn(1, 1, *mask_input_size, dtype=torch.float),
-        "has_mask_input": torch.tensor([1], dtype=torch.float),
-        "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float),
-    }
-    output_names = ["masks", "iou_predictions", "low_res_masks"]
-    _ = onnx_model(**dummy_inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with open(path, "wb") as f:
-            torch.onnx.export(onnx_model, tuple(dummy_inputs.values()), f, export_params=True, verbose=False,
-                              opset_version=17, do_constant_folding=True, input_names=list(dummy_inputs.keys()),
-                              output_names=output_names, dynamic_axes=dynamic_axes, dynamo=False)
-
-
-@pytest.fixture(scope="module", params=GOLDEN_MODELS, ids=GOLDEN_IDS)
-def onnx_graphs(request, golden_models, tmp_path_factory):
-    pytest.importorskip("onnx", reason="needs the onnx extra (pip install 'anyseg[onnx]')")
-    pytest.importorskip("onnxruntime", reason="needs the onnx extra (pip install 'anyseg[onnx]')")
-    from anyseg.export import export_decoder
-
-    sam, model = golden_models[request.param[0]]
-    out = tmp_path_factory.mktemp("dropin_onnx")
-    torch.manual_seed(0)
-    reference_export(sam, out / "sam_onnx_example.onnx")
-    export_decoder(model, out / "anyseg.onnx", return_single_mask=True, opset=17)
-    return dict(key=request.param[0], sam=sam, reference=out / "sam_onnx_example.onnx", ours=out / "anyseg.onnx")
-
-
-@pytest.mark.golden
-def test_onnx_recipe_gives_anyseg_exports_graph(onnx_graphs):
-    import onnx
-    from onnx import numpy_helper
-
-    a, b = onnx.load(str(onnx_graphs["reference"])), onnx.load(str(onnx_graphs["ours"]))
-    assert [onnx.printer.to_text(n) for n in a.graph.node] == [onnx.printer.to_text(n) for n in b.graph.node]
-    assert [(i.name, i.type) for i in a.graph.input] == [(i.name, i.type) for i in b.graph.input]
-    # Outputs: the same names and element types; only the symbolic names of the masks' dynamic size differ
-    # (``anyseg export`` names them height / width, the recipe leaves them to the exporter).
-    assert [(o.name, o.type.tensor_type.elem_type, len(o.type.tensor_type.shape.dim)) for o in a.graph.output] == \
-        [(o.name, o.type.tensor_type.elem_type, len(o.type.tensor_type.shape.dim)) for o in b.graph.output]
-    init_a = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
-    init_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
-    assert init_a.keys() == init_b.keys()
-    for name in init_a:
-        np.testing.assert_array_equal(init_a[name], init_b[name], err_msg=name)
-
-
-@pytest.mark.golden
-def test_onnx_notebook_client(onnx_graphs, images_dir):
-    import onnxruntime
-
-    sam = onnx_graphs["sam"]
-    # --- the client half of the reference's ONNX notebook, with the import changed ---
-    ort_session = onnxruntime.InferenceSession(str(onnx_graphs["reference"]), providers=["CPUExecutionProvider"])
-    image = read_rgb(images_dir / "truck.jpg")
-    predictor = SamPredictor(sam)
-    predictor.set_image(image)
-    image_embedding = predictor.get_image_embedding().cpu().numpy()
-
-    input_point = np.array([[500, 375]])
-    input_label = np.array([1])
-    onnx_coord = np.concatenate([input_point, np.array([[0.0, 0.0]])], axis=0)[None, :, :]
-    onnx_label = np.concatenate([input_label, np.array([-1])], axis=0)[None, :].astype(np.float32)
-    onnx_coord = predictor.transform.apply_coords(onnx_coord, image.shape[:2]).astype(np.float32)
-    onnx_mask_input = np.zeros((1, 1, 256, 256), dtype=np.float32)
-    onnx_has_mask_input = np.zeros(1, dtype=np.float32)
-    ort_inputs = {
-        "image_embeddings": image_embedding,
-        "point_coords": onnx_coord,
-        "point_labels": onnx_label,
-        "mask_input": onnx_mask_input,
-        "has_mask_input": onnx_has_mask_input,
-        "orig_im_size": np.array(image.shape[:2], dtype=np.float32),
-    }
-    logits, scores, low_res_logits = ort_session.run(None, ort_inputs)
-    masks = logits > predictor.model.mask_threshold
-
-    # a box and a background point, with the previous low-res mask fed back
-    input_box = np.array([425, 600, 700, 875])
-    box_point, box_label = np.array([[575, 750]]), np.array([0])
-    onnx_box_coords = input_box.reshape(2, 2)
-    onnx_box_labels = np.array([2, 3])
-    onnx_coord2 = np.concatenate([box_point, onnx_box_coords], axis=0)[None, :, :]
-    onnx_label2 = np.concatenate([box_label, onnx_box_labels], axis=0)[None, :].astype(np.float32)
-    ort_inputs.update(point_coords=predictor.transform.apply_coords(onnx_coord2, image.shape[:2]).astype(np.float32),
-                      point_labels=onnx_label2, mask_input=low_res_logits, has_mask_input=np.ones(1, np.float32))
-    logits2, scores2, _ = ort_session.run(None, ort_inputs)
-
-    # --- the same as anyseg's predictor (ONNX Runtime against torch: the export tests' tolerances) ---
-    want_logits, want_scores, want_low_res = predictor.predict(input_point, input_label, multimask_output=True,
-                                                               return_logits=True)
-    best = int(np.argmax(want_scores))  # one click: the best of the three, as return_single_mask picks
-    assert masks.shape == (1, 1, *image.shape[:2])
-    assert abs(scores[0, 0] - want_scores[best]) <= 1e-3
-    assert mask_iou(masks[0, 0], want_logits[best] > 0) >= 0.999
-    assert np.abs(low_res_logits[0, 0] - want_low_res[best]).max() <= 1e-3 * max(1.0, np.abs(want_low_res[best]).max())
-    want2, want_scores2, _ = predictor.predict(box_point, box_label, box=input_box, mask_input=low_res_logits[0],
-                                               multimask_output=False, return_logits=True)
-    assert abs(scores2[0, 0] - want_scores2[0]) <= 1e-3
-    assert mask_iou(logits2[0, 0] > 0, want2[0] > 0) >= 0.999
-
-
-def test_onnx_model_extra_metrics(golden_models):
-    from anyseg.utils.onnx import SamOnnxModel
-
-    sam, _ = golden_models["vit_t"]
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(image_embeddings=torch.randn(1, 256, 64, 64, generator=gen),
-                  point_coords=torch.tensor([[[300.0, 200.0], [0.0, 0.0]]]), point_labels=torch.tensor([[1.0, -1.0]]),
-                  mask_input=torch.zeros(1, 1, 256, 256), has_mask_input=torch.zeros(1),
-                  orig_im_size=torch.tensor([120.0, 200.0]))
-    with torch.no_grad():
-        plain = SamOnnxModel(sam, return_single_mask=False)(**inputs)
-        extra = SamOnnxModel(sam, False, use_stability_score=False, return_extra_metrics=True)(**inputs)
-        stable = SamOnnxModel(sam, return_single_mask=False, use_stability_score=True)(**inputs)
-    assert len(plain) == 3 and len(extra) == 5
-    masks, scores, stability, areas, low_res = extra
-    assert masks.shape == (1, 4, 120, 200) and low_res.shape == (1, 4, 256, 256)
-    for a, b in zip(plain, (masks, scores, low_res)):
-        assert torch.equal(a, b)
-    assert torch.equal(stability, M.calculate_stability_score(masks, 0.0, 1.0))
-    assert torch.equal(areas, (masks > 0).sum((-1, -2)))
-    assert torch.equal(stable[1], M.calculate_stability_score(low_res, 0.0, 1.0))
 
 
 # --------------------------------------------------------------------------------------------------
