@@ -5,5 +5,5 @@
 - :mod:`anyseg.utils.onnx`: ``SamOnnxModel`` (backed by :mod:`anyseg.export.decoder`).
 
 Nothing is imported here, so that ``import anyseg.utils.transforms`` does not pull in the ONNX
-exporter. See ``docs/dropin.md`` for the full table of reference names.
+exporter. See ``docs/compat.md`` for the full table of reference names.
 """

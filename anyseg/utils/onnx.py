@@ -1,7 +1,7 @@
 """``SamOnnxModel``: the reference's ONNX export module, as :class:`anyseg.export.decoder.SamOnnxDecoder`.
 
 Code written for the reference exports the prompt encoder + mask decoder like this (see
-``docs/dropin.md``)::
+``docs/compat.md``)::
 
     onnx_model = SamOnnxModel(sam, return_single_mask=True)
     torch.onnx.export(onnx_model, tuple(dummy_inputs.values()), "decoder.onnx", dynamo=False,
