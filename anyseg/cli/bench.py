@@ -20,7 +20,11 @@ segment-everything record matching. GPU rows are added when CUDA is available.
 SAM 2 rows (sam2_encode: set_image; sam2_click: one point, three masks at the image size; sam2_amg:
 SAM2AutomaticMaskGenerator; sam2_quality: the golden SAM 2 checkpoint) time --model, by default the public
 SAM 2.1 tiny architecture with random weights; the configurations alternate within each repeat and the
-rows give medians. The CPU kind (ISA, AMX, AVX512-BF16) heads each table."""
+rows give medians. The CPU kind (ISA, AMX, AVX512-BF16) heads each table.
+
+sam2_video (not run by default: several minutes): frames/s (steady state and average) and peak RSS
+tracking 1 and 4 objects through the golden clip, faithful against SAM2VideoPredictor(speed=...), on the
+golden SAM 2 checkpoint and the public tiny architecture with random weights (anyseg.fast.video_bench)."""
 
 EXAMPLES = """\
 examples:
@@ -33,7 +37,7 @@ examples:
   python benchmarks/bench_sam2_image.py"""
 
 TASK_CHOICES = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality",
-                "encode_vit_h", "encode_vit_l", "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality")
+                "encode_vit_h", "encode_vit_l", "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality", "sam2_video")
 DEFAULT_TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality",
                  "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality")
 
@@ -105,13 +109,22 @@ def run(args: argparse.Namespace) -> int:
     if args.random_weights and args.model is None:
         raise ValueError("--random-weights needs --model NAME (a public SAM 2 name such as sam2.1_hiera_t)")
     shared = Path(args.shared) if args.shared else None
-    out = run_benchmark(tasks=args.tasks, quick=args.quick, devices=args.device,
-                        image_path=Path(args.image) if args.image else None, shared=shared,
-                        all_dtypes=args.all_dtypes, amg_side=args.amg_side, note=args.note,
-                        encode_batch=args.encode_batch, amg_model=args.amg_model, compile=args.compile,
-                        only_configs=args.configs, sam2_model_spec=args.model,
-                        sam2_random_weights=True if args.random_weights else None, repeats=args.repeats,
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    video = "sam2_video" in args.tasks
+    args.tasks = [t for t in args.tasks if t != "sam2_video"]
+    out = {"results": []}
+    if args.tasks:
+        out = run_benchmark(tasks=args.tasks, quick=args.quick, devices=args.device,
+                            image_path=Path(args.image) if args.image else None, shared=shared,
+                            all_dtypes=args.all_dtypes, amg_side=args.amg_side, note=args.note,
+                            encode_batch=args.encode_batch, amg_model=args.amg_model, compile=args.compile,
+                            only_configs=args.configs, sam2_model_spec=args.model,
+                            sam2_random_weights=True if args.random_weights else None, repeats=args.repeats,
+                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    if video:
+        from ..fast.video_bench import bench_section
+
+        out["results"].append(bench_section(quick=args.quick, shared=shared, threads=args.threads,
+                                            repeats=args.repeats, log=lambda s: print(s, file=sys.stderr, flush=True)))
     text = "\n\n".join(r["markdown"] for r in out["results"])
     print(text)
     if args.json:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..modeling.sam2 import NO_OBJ_SCORE, Sam2, Sam2Features
 from ..modeling.sam2.tracking import FrameOutput, memory_for_prompted_frame, track_step
-from .store import OutputStore, SpillDir
+from .store import OutputStore, SpillDir, TrackedFrames
 
 __all__ = ["SAM2VideoPredictor", "InferenceState"]
 
@@ -27,15 +27,15 @@ __all__ = ["SAM2VideoPredictor", "InferenceState"]
 class _ObjectState:
     """Prompts and outputs of one object."""
 
-    def __init__(self, spill: Optional[SpillDir], keep: int) -> None:
+    def __init__(self, spill: Optional[SpillDir], keep: int, keep_pointers: int, num_frames: int) -> None:
         self.point_inputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.mask_inputs: Dict[int, torch.Tensor] = {}
         # Conditioning outputs are few and always read: kept in memory.
         self.cond = OutputStore(None, name="cond")
-        self.non_cond = OutputStore(spill, keep_in_memory=keep, name="noncond")
+        self.non_cond = OutputStore(spill, keep_in_memory=keep, name="noncond", pointers_in_memory=keep_pointers)
         self.temp_cond: Dict[int, FrameOutput] = {}
         self.temp_non_cond: Dict[int, FrameOutput] = {}
-        self.frames_tracked: Dict[int, bool] = {}  # frame -> tracked in reverse
+        self.frames_tracked = TrackedFrames(num_frames)  # frame -> tracked in reverse
 
     def temp(self, is_cond: bool) -> Dict[int, FrameOutput]:
         return self.temp_cond if is_cond else self.temp_non_cond
@@ -48,7 +48,8 @@ class InferenceState:
     """Everything one video's tracking needs. Also readable like the reference's dict for the common
     keys (``num_frames``, ``video_height``, ``video_width``, ``obj_ids``, ``device``)."""
 
-    def __init__(self, frames, device: torch.device, spill: Optional[SpillDir], keep: int) -> None:
+    def __init__(self, frames, device: torch.device, spill: Optional[SpillDir], keep: int,
+                 key_cache=None, keep_pointers: Optional[int] = None) -> None:
         self.frames = frames
         self.num_frames = int(frames.num_frames)
         self.video_height = int(frames.height)
@@ -56,9 +57,12 @@ class InferenceState:
         self.device = device
         self.spill = spill
         self.keep = keep
+        self.keep_pointers = keep_pointers
         self.objects: Dict[Hashable, _ObjectState] = {}  # insertion order = object index
         self.cached_frame: Optional[int] = None
         self.cached_features: Optional[Sam2Features] = None
+        # Fast paths only: memory frames' key projections kept across frames (anyseg.fast.sam2_video).
+        self.key_cache = key_cache
 
     @property
     def obj_ids(self) -> List[Hashable]:
@@ -68,7 +72,7 @@ class InferenceState:
         """The object's state, created on first use (as the reference does)."""
         state = self.objects.get(obj_id)
         if state is None:
-            state = self.objects[obj_id] = _ObjectState(self.spill, self.keep)
+            state = self.objects[obj_id] = _ObjectState(self.spill, self.keep, self.keep_pointers, self.num_frames)
         return state
 
     def __getitem__(self, key: str) -> Any:
@@ -83,8 +87,12 @@ class InferenceState:
         closer = getattr(self.frames, "close", None)
         if closer is not None:
             closer()
+        for obj in self.objects.values():
+            obj.non_cond.close()
         if self.spill is not None:
             self.spill.close()
+        if self.key_cache is not None:
+            self.key_cache.clear()
 
 
 class SAM2VideoPredictor:
@@ -101,12 +109,19 @@ class SAM2VideoPredictor:
         spill_dir: parent directory for spilled outputs (default: the system's temporary directory).
         outputs_in_memory: per object, how many frames keep their large outputs in memory (default:
             what the next frame's memory reads, ``num_maskmem + 2``); the rest is spilled.
+        speed: ``None`` / ``"faithful"`` (default): the reference computation. ``"lossless"``: the fast
+            paths of :mod:`anyseg.fast.sam2_video` in float32 (objects of a frame batched, memory key
+            projections reused across frames, the model's fast image encoder), equal to the faithful
+            path to rounding. ``"auto"``: lossless plus bfloat16 memory attention where the hardware has
+            native bfloat16 (quality bar: mask IoU >= 0.98 against faithful). Also a
+            :class:`anyseg.fast.sam2_video.VideoSpeedConfig`. The fast image encoder is switched on
+            with :func:`anyseg.speed.apply` for the whole model if it has no speed setting yet.
     """
 
     def __init__(self, model: Sam2, fill_hole_area: Optional[int] = None, non_overlap_masks: bool = False,
                  clear_non_cond_mem_around_input: bool = False, add_all_frames_to_correct_as_cond: bool = False,
                  *, keep_all_outputs: bool = False, spill_dir: Optional[str] = None,
-                 outputs_in_memory: Optional[int] = None, **kwargs) -> None:
+                 outputs_in_memory: Optional[int] = None, speed=None, **kwargs) -> None:
         if not isinstance(model, Sam2):
             raise TypeError(f"SAM2VideoPredictor needs a SAM 2 model, got {type(model).__name__}")
         if clear_non_cond_mem_around_input:
@@ -125,8 +140,17 @@ class SAM2VideoPredictor:
         # Large parts of the last few outputs stay in memory: what the next frame's memory reads.
         default_keep = cfg.num_maskmem * max(1, cfg.memory_temporal_stride_for_eval) + 2
         self._keep = default_keep if outputs_in_memory is None else int(outputs_in_memory)
+        # Object pointers (about 1 KiB a frame) of the frames the next pointers reach stay in memory.
+        self._keep_pointers = max(self._keep, cfg.max_obj_ptrs_in_encoder + 2)
         if self._keep < 1:
             raise ValueError(f"outputs_in_memory must be at least 1, got {outputs_in_memory}")
+        self.speed = None
+        self._fast = None
+        if speed is not None and speed != "faithful":
+            from ..fast.sam2_video import VideoFastRuntime, VideoSpeedConfig
+
+            self.speed = VideoSpeedConfig.resolve(speed, model.device)
+            self._fast = VideoFastRuntime(model, self.speed)
 
     @property
     def image_size(self) -> int:
@@ -150,7 +174,12 @@ class SAM2VideoPredictor:
         if frames.num_frames == 0:
             raise RuntimeError(f"no frames found in {video_path!r}")
         spill = None if self.keep_all_outputs else SpillDir(self.spill_dir)
-        state = InferenceState(frames, self.device, spill, self._keep)
+        key_cache = None
+        if self._fast is not None:
+            from ..fast.sam2_video import KeyCache
+
+            key_cache = KeyCache()
+        state = InferenceState(frames, self.device, spill, self._keep, key_cache, self._keep_pointers)
         self._features(state, 0)
         return state
 
@@ -160,6 +189,8 @@ class SAM2VideoPredictor:
             obj.cond.clear()
             obj.non_cond.clear()
         inference_state.objects.clear()
+        if inference_state.key_cache is not None:
+            inference_state.key_cache.clear()
 
     # ------------------------------------------------------------------------------------ prompts
     @torch.inference_mode()
@@ -350,16 +381,29 @@ class SAM2VideoPredictor:
             order = range(start_frame_idx, end + 1)
         for frame_idx in order:
             per_obj = []
+            tracked = []  # objects without a conditioning output here, run as one batch on a fast path
             for obj in state.objects.values():
                 stored = obj.cond.get(frame_idx)
                 if stored is not None:
                     pred = stored.pred_masks.to(state.device)
+                elif self._fast is not None and self.speed.batch_objects:
+                    tracked.append((len(per_obj), obj))
+                    pred = None
                 else:
                     out = self._run(state, obj, frame_idx, False, reverse=reverse, run_mem_encoder=True)
                     obj.non_cond[frame_idx] = out
                     pred = out.pred_masks
                 obj.frames_tracked[frame_idx] = reverse
                 per_obj.append(pred)
+            if tracked:
+                features = self._features(state, frame_idx)
+                outs = self._fast.track_objects(frame_idx, features, [(o.cond, o.non_cond) for _, o in tracked],
+                                                state.num_frames, reverse, cache=state.key_cache)
+                for (i, obj), out in zip(tracked, outs):
+                    obj.non_cond[frame_idx] = out
+                    per_obj[i] = out.pred_masks
+            if state.key_cache is not None:
+                state.key_cache.end_frame()
             yield frame_idx, state.obj_ids, self._video_res(state, torch.cat(per_obj, dim=0))
 
     # ---------------------------------------------------------------------------------- internals
@@ -374,7 +418,11 @@ class SAM2VideoPredictor:
         """Encoder outputs of a frame; only the most recently used frame is cached."""
         if state.cached_frame != frame_idx:
             image = state.frames.get(frame_idx).to(self.device)
-            state.cached_features = self.model.encode_image(image)
+            state.cached_frame, state.cached_features = None, None  # not needed while encoding
+            if self._fast is not None:
+                state.cached_features = self._fast.encode(image)
+            else:
+                state.cached_features = self.model.encode_image(image)
             state.cached_frame = frame_idx
         return state.cached_features
 
@@ -382,9 +430,11 @@ class SAM2VideoPredictor:
              point_coords=None, point_labels=None, mask_inputs=None, reverse: bool, run_mem_encoder: bool,
              prev_mask_logits=None) -> FrameOutput:
         features = self._features(state, frame_idx)
+        condition = None if self._fast is None else self._fast.condition(state.key_cache)
         out, _ = track_step(self.model, frame_idx, is_init, features, obj.cond, obj.non_cond, state.num_frames,
                             point_coords=point_coords, point_labels=point_labels, mask_inputs=mask_inputs,
-                            reverse=reverse, run_mem_encoder=run_mem_encoder, prev_mask_logits=prev_mask_logits)
+                            reverse=reverse, run_mem_encoder=run_mem_encoder, prev_mask_logits=prev_mask_logits,
+                            condition=condition)
         return out
 
     def _consolidated(self, state: InferenceState, frame_idx: int, is_cond: bool) -> torch.Tensor:

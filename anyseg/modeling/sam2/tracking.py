@@ -79,23 +79,36 @@ def pointer_positions(model: Sam2, distances: List[int], max_ptrs: int, device) 
     return model.obj_ptr_tpos_proj(sine_position_encoding_1d(pos, dim))
 
 
-def condition_on_memory(model: Sam2, frame_idx: int, is_init_cond_frame: bool, features: Sam2Features,
-                        cond_outputs: Outputs, non_cond_outputs: Outputs, num_frames: int,
-                        reverse: bool = False) -> torch.Tensor:
-    """The decoder's image embedding for this frame: ``vision + no_mem_embed`` on an initial
-    conditioning frame, else the memory attention output over the object's memory (``1 x 256 x 64 x 64``)."""
+@dataclass
+class MemoryPlan:
+    """What one object's memory attention reads on one frame (spec 8.2 / 8.3), before concatenation.
+
+    frames: ``(frame_idx, t_pos, maskmem_features)`` of each spatial memory in concatenation order
+        (conditioning frames first with ``t_pos = 0``, then ``t_pos = 1..M-1``); features
+        ``1 x mem_dim x h x w`` as stored (bfloat16).
+    obj_ptrs: ``1 x N_ptr x mem_dim`` object-pointer tokens (float32) or None.
+    obj_pos: ``1 x N_ptr x mem_dim`` their temporal position encodings, or None.
+    """
+
+    frames: List[Tuple[int, int, torch.Tensor]]
+    obj_ptrs: Optional[torch.Tensor] = None
+    obj_pos: Optional[torch.Tensor] = None
+
+    @property
+    def num_ptr_tokens(self) -> int:
+        return 0 if self.obj_ptrs is None else int(self.obj_ptrs.shape[1])
+
+
+def plan_memory(model: Sam2, frame_idx: int, cond_outputs: Outputs, non_cond_outputs: Outputs, num_frames: int,
+                reverse: bool = False, *, device=None) -> MemoryPlan:
+    """Select the memories and object pointers an object reads on frame ``frame_idx`` (not an initial
+    conditioning frame): spec 8.2 and 8.3."""
     cfg = model.config
-    vision = features.vision
-    b, c, h, w = vision.shape
-    if is_init_cond_frame:
-        return model.image_embedding(features)
     if len(cond_outputs) == 0:
         raise RuntimeError(f"frame {frame_idx}: the object has no conditioning frame to track from")
-    device = vision.device
-    memories: List[torch.Tensor] = []
-    positions: List[torch.Tensor] = []
+    device = model.device if device is None else device
     selected, unselected = select_closest_cond_frames(frame_idx, cond_outputs, cfg.max_cond_frames_in_attn)
-    frames: List[Tuple[int, Optional[FrameOutput]]] = [(0, out) for out in selected.values()]
+    frames: List[Tuple[int, int, Optional[FrameOutput]]] = [(t, 0, out) for t, out in selected.items()]
     stride = cfg.memory_temporal_stride_for_eval
     num_maskmem = cfg.num_maskmem
     for t_pos in range(1, num_maskmem):
@@ -109,17 +122,15 @@ def condition_on_memory(model: Sam2, frame_idx: int, is_init_cond_frame: bool, f
         out = non_cond_outputs.get(prev)
         if out is None:
             out = unselected.get(prev)
-        frames.append((t_pos, out))
-    for t_pos, out in frames:
-        if out is None or out.maskmem_features is None:
+        frames.append((prev, t_pos, out))
+    plan = MemoryPlan([])
+    for t, t_pos, out in frames:
+        if out is None:
             continue
-        # Memories are stored in bfloat16 and widened back for the attention.
-        feats = out.maskmem_features.to(device=device, dtype=torch.float32)
-        memories.append(feats.flatten(2).permute(0, 2, 1))
-        pos = memory_position(model, feats).flatten(2).permute(0, 2, 1)
-        positions.append(pos + model.maskmem_tpos_enc[num_maskmem - t_pos - 1].reshape(1, 1, -1))
+        feats = out.maskmem_features
+        if feats is not None:
+            plan.frames.append((t, t_pos, feats))
 
-    num_ptr_tokens = 0
     if cfg.use_obj_ptrs_in_encoder:
         max_ptrs = min(num_frames, cfg.max_obj_ptrs_in_encoder)
         if cfg.only_obj_ptrs_in_the_past_for_eval:
@@ -143,6 +154,8 @@ def condition_on_memory(model: Sam2, frame_idx: int, is_init_cond_frame: bool, f
                 ptrs.append(out.obj_ptr)
         if ptrs:
             obj_ptrs = torch.stack([p.to(device) for p in ptrs], dim=0)  # N x B x C
+            b = obj_ptrs.shape[1]
+            c = obj_ptrs.shape[2]
             obj_pos = pointer_positions(model, distances, max_ptrs, device)  # N x mem_dim
             obj_pos = obj_pos.unsqueeze(1).expand(-1, b, cfg.mem_dim)
             mem_dim = cfg.mem_dim
@@ -151,12 +164,40 @@ def condition_on_memory(model: Sam2, frame_idx: int, is_init_cond_frame: bool, f
                 split = c // mem_dim
                 obj_ptrs = obj_ptrs.reshape(-1, b, split, mem_dim).permute(0, 2, 1, 3).flatten(0, 1)
                 obj_pos = obj_pos.repeat_interleave(split, dim=0)
-            memories.append(obj_ptrs.permute(1, 0, 2))
-            positions.append(obj_pos.permute(1, 0, 2))
-            num_ptr_tokens = obj_ptrs.shape[0]
+            plan.obj_ptrs = obj_ptrs.permute(1, 0, 2)
+            plan.obj_pos = obj_pos.permute(1, 0, 2)
+    return plan
 
-    memory = torch.cat(memories, dim=1)
-    memory_pos = torch.cat(positions, dim=1)
+
+def memory_tensors(model: Sam2, plan: MemoryPlan, device) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The concatenated memory of a plan: ``(memory, memory_pos, num_ptr_tokens)``, each ``1 x N_m x mem_dim``
+    float32 (the spatial memories widened from their stored bfloat16)."""
+    num_maskmem = model.config.num_maskmem
+    memories: List[torch.Tensor] = []
+    positions: List[torch.Tensor] = []
+    for _, t_pos, stored in plan.frames:
+        # Memories are stored in bfloat16 and widened back for the attention.
+        feats = stored.to(device=device, dtype=torch.float32)
+        memories.append(feats.flatten(2).permute(0, 2, 1))
+        pos = memory_position(model, feats).flatten(2).permute(0, 2, 1)
+        positions.append(pos + model.maskmem_tpos_enc[num_maskmem - t_pos - 1].reshape(1, 1, -1))
+    if plan.obj_ptrs is not None:
+        memories.append(plan.obj_ptrs)
+        positions.append(plan.obj_pos)
+    return torch.cat(memories, dim=1), torch.cat(positions, dim=1), plan.num_ptr_tokens
+
+
+def condition_on_memory(model: Sam2, frame_idx: int, is_init_cond_frame: bool, features: Sam2Features,
+                        cond_outputs: Outputs, non_cond_outputs: Outputs, num_frames: int,
+                        reverse: bool = False) -> torch.Tensor:
+    """The decoder's image embedding for this frame: ``vision + no_mem_embed`` on an initial
+    conditioning frame, else the memory attention output over the object's memory (``1 x 256 x 64 x 64``)."""
+    vision = features.vision
+    b, c, h, w = vision.shape
+    if is_init_cond_frame:
+        return model.image_embedding(features)
+    plan = plan_memory(model, frame_idx, cond_outputs, non_cond_outputs, num_frames, reverse, device=vision.device)
+    memory, memory_pos, num_ptr_tokens = memory_tensors(model, plan, vision.device)
     curr = vision.flatten(2).permute(0, 2, 1)
     curr_pos = features.vision_pos.flatten(2).permute(0, 2, 1).expand(b, -1, -1)
     out = model.memory_attention(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens=num_ptr_tokens)
@@ -189,16 +230,20 @@ def track_step(model: Sam2, frame_idx: int, is_init_cond_frame: bool, features: 
                cond_outputs: Outputs, non_cond_outputs: Outputs, num_frames: int, *,
                point_coords: Optional[torch.Tensor] = None, point_labels: Optional[torch.Tensor] = None,
                mask_inputs: Optional[torch.Tensor] = None, reverse: bool = False, run_mem_encoder: bool = True,
-               prev_mask_logits: Optional[torch.Tensor] = None) -> Tuple[FrameOutput, HeadsOutput]:
+               prev_mask_logits: Optional[torch.Tensor] = None,
+               condition: Optional[Callable[..., torch.Tensor]] = None) -> Tuple[FrameOutput, HeadsOutput]:
     """Spec 8.1 for one object: points (model frame) or a ``1 x 1 x S x S`` mask prompt, or neither
     (tracking). Returns the stored record (hole filling applied to its logits, memory encoded when
-    ``run_mem_encoder``) and the raw heads output."""
+    ``run_mem_encoder``) and the raw heads output.
+
+    ``condition``: replaces :func:`condition_on_memory` (same arguments after ``model``), e.g. a fast
+    path's memory attention (:mod:`anyseg.fast.sam2_video`)."""
     cfg = model.config
     if mask_inputs is not None and cfg.use_mask_input_as_output_without_sam:
         heads = model.mask_as_output(features.vision, features.high_res, mask_inputs)
     else:
-        embedding = condition_on_memory(model, frame_idx, is_init_cond_frame, features, cond_outputs,
-                                        non_cond_outputs, num_frames, reverse)
+        embedding = (condition or condition_on_memory)(model, frame_idx, is_init_cond_frame, features,
+                                                       cond_outputs, non_cond_outputs, num_frames, reverse)
         if prev_mask_logits is not None:
             mask_inputs = prev_mask_logits
         num_points = 0 if point_labels is None else point_labels.shape[1]
