@@ -23,6 +23,10 @@ SAM 2 models         the encoder takes the normalised 1x3x1024x1024 model input 
                      image_embeddings; prompts are scaled by 1024/W and 1024/H (no padding). The
                      decoder's output 0 is the single-mask answer with SAM 2's dynamic multimask
                      fallback applied; --fast-decoder and --use-stability-score are SAM 1 only.
+HQ-SAM models        the encoder also returns interm_embeddings (1x64x64xD, the early feature), which
+                     the decoder takes with hq_token_only (1,) (1 = the HQ mask alone). The decoder
+                     returns k = 2: output 0 for multimask_output=False, output 1 for True (one
+                     mask each, as HQ-SAM). --fast-decoder is not available for HQ-SAM.
 --fast-decoder       compute the decoder with reordered float32 arithmetic (attention without
                      projecting the image tokens, transposed convolutions as matrix products):
                      the same masks to rounding, less work per click. The labelling app uses it.
@@ -40,7 +44,8 @@ examples:
   anyseg export --model mobile_sam.pt --decoder dec.onnx --encoder enc.onnx --quantize
   anyseg export --model vit_h --decoder dec.onnx --return-single-mask --opset 17
   anyseg export --model vit_b --decoder dec_fast.onnx --fast-decoder
-  anyseg export --model sam2.1_hiera_tiny.pt --decoder sam2_dec.onnx --encoder sam2_enc.onnx"""
+  anyseg export --model sam2.1_hiera_tiny.pt --decoder sam2_dec.onnx --encoder sam2_enc.onnx
+  anyseg export --model sam_hq_vit_b.pth --decoder hq_dec.onnx --encoder hq_enc.onnx"""
 
 
 def register(subparsers) -> None:

@@ -8,6 +8,7 @@ maps into tokens and halves the grid (or keeps it, see ``TinyViTConfig.strides``
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Optional
 
 import torch
@@ -266,7 +267,7 @@ class TinyViT(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if return_interm and i == 1:
-                side = int(round(x.shape[1] ** 0.5))
+                side = math.isqrt(int(x.shape[1]))  # int(): a constant when traced for ONNX
                 interm = x.view(x.shape[0], side, side, x.shape[2])
         b, _, c = x.shape
         x = x.view(b, self.grid, self.grid, c).permute(0, 3, 1, 2)

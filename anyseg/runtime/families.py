@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..geometry import boxes_to_model, coords_to_model, resized_shape
-from .graphs import FAMILY_SAM, FAMILY_SAM2, HIGH_RES_NAMES, GraphSession
+from .graphs import FAMILY_HQ, FAMILY_SAM, FAMILY_SAM2, HIGH_RES_NAMES, INTERM_NAME, GraphSession
 from .resize import resize_bilinear_aa
 
 _F = np.float32
@@ -118,4 +118,12 @@ class Sam2Family(SamFamily):
         return parts, part_labels
 
 
-FAMILIES: Dict[str, type] = {FAMILY_SAM: SamFamily, FAMILY_SAM2: Sam2Family}
+class SamHQFamily(SamFamily):
+    """HQ-SAM: SAM 1's preprocessing, model frame and prompt layout; the encoder graph also gives the early
+    feature ``interm_embeddings`` (``1 x 64 x 64 x D``), which the decoder graph takes with ``hq_token_only``."""
+
+    name = FAMILY_HQ
+    extra_features = (INTERM_NAME,)
+
+
+FAMILIES: Dict[str, type] = {FAMILY_SAM: SamFamily, FAMILY_SAM2: Sam2Family, FAMILY_HQ: SamHQFamily}

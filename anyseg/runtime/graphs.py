@@ -1,8 +1,9 @@
 """Opening exported SAM / SAM 2 graphs with onnxruntime and checking that they are what they claim to be.
 
-A graph's family (``"sam"`` or ``"sam2"``) comes from its metadata (``anyseg.family``, written by SAM 2
-exports) or, for graphs without it, from its inputs and outputs (SAM 2's carry the high-resolution
-features ``high_res_feats_0`` / ``high_res_feats_1``). Depends on numpy and onnxruntime only (no torch,
+A graph's family (``"sam"``, ``"sam2"`` or ``"sam_hq"``) comes from its metadata (``anyseg.family``, written
+by SAM 2 and HQ-SAM exports) or, for graphs without it, from its inputs and outputs (SAM 2's carry the
+high-resolution features ``high_res_feats_0`` / ``high_res_feats_1``, HQ-SAM's the early feature
+``interm_embeddings``). Depends on numpy and onnxruntime only (no torch,
 no onnx).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ KIND_DECODER = "sam_decoder"
 KIND_ENCODER = "sam_encoder"
 FAMILY_SAM = "sam"
 FAMILY_SAM2 = "sam2"
+FAMILY_HQ = "sam_hq"
 
 #: name -> rank of each input the decoder graph must have (the reference SAM ONNX names).
 DECODER_INPUTS: Dict[str, int] = {
@@ -37,14 +39,22 @@ SAM2_DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 SAM2_ENCODER_INPUTS: Dict[str, int] = {"image": 4}
 SAM2_ENCODER_OUTPUTS = ("image_embeddings", "high_res_feats_0", "high_res_feats_1")
 HIGH_RES_NAMES = ("high_res_feats_0", "high_res_feats_1")
+# HQ-SAM (anyseg.export.hq): the encoder also gives the early feature, the decoder takes it and hq_token_only.
+INTERM_NAME = "interm_embeddings"
+HQ_DECODER_INPUTS: Dict[str, int] = {**DECODER_INPUTS, INTERM_NAME: 4, "hq_token_only": 1}
+HQ_DECODER_OUTPUTS = DECODER_OUTPUTS
+HQ_ENCODER_INPUTS: Dict[str, int] = {"image": 4}
+HQ_ENCODER_OUTPUTS = ("image_embeddings", INTERM_NAME)
 
 #: (inputs with ranks, leading outputs) of each family's graphs, per kind.
 GRAPHS = {
     FAMILY_SAM: {KIND_DECODER: (DECODER_INPUTS, DECODER_OUTPUTS), KIND_ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS)},
     FAMILY_SAM2: {KIND_DECODER: (SAM2_DECODER_INPUTS, SAM2_DECODER_OUTPUTS),
                   KIND_ENCODER: (SAM2_ENCODER_INPUTS, SAM2_ENCODER_OUTPUTS)},
+    FAMILY_HQ: {KIND_DECODER: (HQ_DECODER_INPUTS, HQ_DECODER_OUTPUTS),
+                KIND_ENCODER: (HQ_ENCODER_INPUTS, HQ_ENCODER_OUTPUTS)},
 }
-FAMILY_NAMES = {FAMILY_SAM: "SAM", FAMILY_SAM2: "SAM 2"}
+FAMILY_NAMES = {FAMILY_SAM: "SAM", FAMILY_SAM2: "SAM 2", FAMILY_HQ: "HQ-SAM"}
 
 
 class GraphError(ValueError):
@@ -153,7 +163,9 @@ def open_graph(path: Union[str, "os.PathLike[str]"], kind: str, providers: Optio
     outputs = [o.name for o in session.get_outputs()]
     family = metadata.get("anyseg.family")
     if family is None:  # SAM 1 exports and other tools' graphs carry none: tell by the feature maps
-        family = FAMILY_SAM2 if set(HIGH_RES_NAMES) & (set(inputs) | set(outputs)) else FAMILY_SAM
+        names = set(inputs) | set(outputs)
+        family = (FAMILY_SAM2 if set(HIGH_RES_NAMES) & names else FAMILY_HQ if INTERM_NAME in names
+                  else FAMILY_SAM)
     elif family not in GRAPHS:
         raise GraphError(f"{str(path)!r} is a graph of model family {family!r}; this version of anyseg runs "
                          f"{' and '.join(sorted(GRAPHS))}")

@@ -14,7 +14,7 @@ import numpy as np
 from ..imageio import load_image
 from ..prompts import ImageNotSetError, check_boxes, check_mask_input, check_points
 from .families import FAMILIES
-from .graphs import FAMILY_NAMES, KIND_DECODER, KIND_ENCODER, GraphError, GraphSession, open_graph
+from .graphs import FAMILY_HQ, FAMILY_NAMES, KIND_DECODER, KIND_ENCODER, GraphError, GraphSession, open_graph
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -22,7 +22,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 class OnnxPredictor:
     """Encode an image with the ONNX encoder once, then decode prompts with the ONNX decoder.
 
-    Runs the graphs of SAM 1 and SAM 2 models alike (``family`` says which; the two graphs must agree).
+    Runs the graphs of SAM 1, SAM 2 and HQ-SAM models alike (``family``: ``"sam"``, ``"sam2"``, ``"sam_hq"``;
+    the two graphs must agree). HQ-SAM: one mask per prompt, ``predict(..., hq_token_only=...)``.
     For SAM 2 it does :class:`~anyseg.sam2_predictor.SAM2ImagePredictor`'s preprocessing (the image
     squashed to 1024 x 1024 by an antialiased bilinear resize, torch's arithmetic in numpy) and prompt
     layout, and the decoder graph applies its dynamic multimask fallback for ``multimask_output=False``.
@@ -95,15 +96,28 @@ class OnnxPredictor:
         self._set(dict(zip(names, outputs)), image.shape[:2])
 
     def set_image_embedding(self, embedding: np.ndarray, original_size: Tuple[int, int],
-                            high_res_feats: Optional[Sequence[np.ndarray]] = None) -> None:
+                            high_res_feats: Optional[Sequence[np.ndarray]] = None,
+                            interm_embeddings: Optional[np.ndarray] = None) -> None:
         """Use a precomputed ``1 x 256 x 64 x 64`` embedding of an ``original_size`` (H, W) image.
 
         SAM 2 also needs the image's two high-res feature maps, ``high_res_feats`` =
         ``(1 x 32 x 256 x 256, 1 x 64 x 128 x 128)`` (the encoder graph's other outputs, or
-        :meth:`get_high_res_features` of another predictor); SAM 1 takes none.
+        :meth:`get_high_res_features` of another predictor); HQ-SAM the encoder's early feature
+        ``interm_embeddings`` (``1 x 64 x 64 x D``, :meth:`get_interm_embeddings`); SAM 1 takes none.
         """
         names = self._family.extra_features
-        given = () if high_res_feats is None else tuple(high_res_feats)
+        if self.family == FAMILY_HQ:
+            if high_res_feats is not None:
+                raise ValueError("high_res_feats are for SAM 2; an HQ-SAM decoder takes interm_embeddings")
+            if interm_embeddings is None:
+                raise ValueError("an HQ-SAM decoder also needs the image's early encoder feature: "
+                                 "interm_embeddings (1 x 64 x 64 x D, the encoder graph's second output)")
+            given = (interm_embeddings,)
+        elif interm_embeddings is not None:
+            raise ValueError(f"interm_embeddings are for HQ-SAM; a {FAMILY_NAMES[self.family]} decoder "
+                             "does not take them")
+        else:
+            given = () if high_res_feats is None else tuple(high_res_feats)
         if len(given) != len(names):
             if names:
                 raise ValueError(f"a {FAMILY_NAMES[self.family]} decoder also needs the image's high-res features: "
@@ -144,6 +158,13 @@ class OnnxPredictor:
         self._require_image()
         return tuple(self._image_feeds[name] for name in self._family.extra_features)
 
+    def get_interm_embeddings(self) -> np.ndarray:
+        """HQ-SAM: the current image's early encoder feature ``1 x 64 x 64 x D`` (channels last)."""
+        self._require_image()
+        if self.family != FAMILY_HQ:
+            raise ValueError(f"a {FAMILY_NAMES[self.family]} model has no early feature (HQ-SAM only)")
+        return self._image_feeds["interm_embeddings"]
+
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise ImageNotSetError("an image must be set with set_image(...) before predicting")
@@ -179,6 +200,7 @@ class OnnxPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         normalize_coords: bool = True,
+        hq_token_only: bool = False,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one object from prompts in original-image pixels (as SamPredictor.predict).
 
@@ -190,13 +212,17 @@ class OnnxPredictor:
             return_logits: return unthresholded logits instead of boolean masks.
             normalize_coords: SAM 2 only: False when the prompts are given in [0, 1] (as
                 SAM2ImagePredictor's argument).
+            hq_token_only: HQ-SAM only: the HQ mask alone instead of SAM mask + HQ mask.
         Returns:
             masks ``k x H x W`` (bool, or float32 logits), scores ``k``, low-res logits ``k x 256 x 256``
             (k = 3 or 1; SAM 2's clamped to [-32, 32], as SAM2ImagePredictor returns them). A decoder
             exported with ``return_single_mask`` gives its one chosen mask and requires
             ``multimask_output=False``. (SAM2ImagePredictor returns float 0/1 masks; this class returns
-            bool masks for both families.)
+            bool masks for both families.) HQ-SAM gives one mask (k = 1) in both modes, as SamPredictor.
         """
+        hq = self.family == FAMILY_HQ
+        if hq_token_only and not hq:
+            raise ValueError("hq_token_only needs an HQ-SAM model (these graphs have no HQ token)")
         coords, labels = self.prompt_inputs(point_coords, point_labels, box, normalize_coords)
         side = 4 * int(self.features.shape[-1])
         if mask_input is not None:
@@ -207,8 +233,10 @@ class OnnxPredictor:
         if self.num_masks == 1 and multimask_output:
             raise ValueError("this decoder graph was exported with return_single_mask and gives one mask: "
                              "call predict(..., multimask_output=False)")
+        extra = {"hq_token_only": np.array([1.0 if hq_token_only else 0.0], np.float32)} if hq else {}
         masks, scores, low_res = self.decoder.run({
             **self._image_feeds,
+            **extra,
             "point_coords": coords,
             "point_labels": labels,
             "mask_input": mask,
