@@ -17,6 +17,9 @@ Modes:
   lora      low-rank adapters on the encoder's attention qkv / proj (merged into the weights on
             export) + prompt encoder + mask decoder
   full      every parameter (layer-wise LR decay on the encoder blocks)
+  hq        HQ-SAM: only the HQ output token, its MLP and the feature-fusion layers train, the rest
+            is frozen (the encoder runs without gradients); the loss is on the HQ token's mask alone.
+            A SAM 1 model gets freshly initialised HQ parts; the export is an HQ-SAM checkpoint
 
 Settings come from defaults, then --config FILE (lines 'key = value', '#' comments; keys are the
 long flag names, e.g. 'batch-size = 4'), then the flags given. The run folder OUTPUT gets
@@ -41,7 +44,9 @@ examples:
       --lr 5e-4 --warmup-steps 5 --focal-weight 1 --focal-alpha -1 --focal-gamma 0 --point-iters 0 \\
       --refine-iters 0 --box-prob 0 --loss-res low --steps 200 --batch-size 4 --masks-per-image 4 -o runs/decoder256
   # LoRA on the encoder
-  anyseg train --model vit_b --data labels_dir/ --mode lora --lora-rank 8 -o runs/lora"""
+  anyseg train --model vit_b --data labels_dir/ --mode lora --lora-rank 8 -o runs/lora
+  # HQ-SAM: train the HQ parts of an HQ checkpoint (or fresh HQ parts on a SAM 1 checkpoint)
+  anyseg train --model hq_vit_b --data train.json --images train/ --mode hq --lr 1e-3 -o runs/hq"""
 
 # Flag spellings that differ from "--" + field name with dashes.
 _SHORT = {"output": ("-o",), "data": ("-d",), "model": ("-m",)}
@@ -51,7 +56,7 @@ def register(subparsers) -> None:
     from ..train.config import HELP, InteractiveConfig, TrainConfig
 
     parser = subparsers.add_parser(
-        "train", help="train / fine-tune (decoder, LoRA or full) with simulated interactive prompts",
+        "train", help="train / fine-tune (decoder, LoRA, full or HQ) with simulated interactive prompts",
         description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", "-c", default=None, metavar="FILE", help="settings file (key = value lines)")

@@ -171,7 +171,8 @@ HELP = {
     "img_size": "model input size in px (square frame); a ViT checkpoint's position tables are resampled, e.g. 256 "
                 "runs a 1024 px checkpoint on a 16 x 16 embedding grid (16x cheaper decoder); the exported model "
                 "keeps this size (default: the checkpoint's / arch's own size)",
-    "mode": "decoder: encoder frozen, embeddings cached once; lora: adapters on encoder attention; full: all",
+    "mode": "decoder: encoder frozen, embeddings cached once; lora: adapters on encoder attention; full: all; "
+            "hq: only HQ-SAM's HQ token, its MLP and fusion layers (fresh ones are attached to a SAM 1 model)",
     "steps": "optimiser steps in total (a resumed run continues up to this)",
     "batch_size": "images per step",
     "masks_per_image": "instance masks drawn per image per step (each gets its own interactive session)",

@@ -33,15 +33,18 @@ class InteractiveStats:
 
 
 def decode_tokens(model: Sam, embeddings: torch.Tensor, state: PromptState,
-                  mask_input: Optional[torch.Tensor]):
+                  mask_input: Optional[torch.Tensor], hq_features: Optional[torch.Tensor] = None):
     """Decode every sample's prompt tokens.
 
     Args:
         embeddings: ``B x C x g x g`` (or ``1 x C x g x g`` shared) image embeddings.
         mask_input: ``B x 1 x 4g x 4g`` low-res logits fed back as the mask prompt, or None.
+        hq_features: HQ-SAM only (``--mode hq``): the HQ features ``B x C/8 x 4g x 4g`` (or one shared).
     Returns:
         all four decoder outputs: logits ``B x 4 x 4g x 4g`` (output 0 = single mask, 1..3 = the
-        ambiguity masks) and predicted IoU ``B x 4``.
+        ambiguity masks) and predicted IoU ``B x 4``; with ``hq_features`` the HQ token's mask alone,
+        logits ``B x 1 x 4g x 4g`` (what HQ-SAM's training supervises: ``hq_token_only=True``,
+        ``multimask_output=False``) and the single-mask output's predicted IoU ``B x 1``, detached.
     """
     pe_module = model.prompt_encoder
     image_pe = pe_module.get_dense_pe()
@@ -54,7 +57,12 @@ def decode_tokens(model: Sam, embeddings: torch.Tensor, state: PromptState,
         else:
             dense = pe_module.embed_masks(mask_input[idx])
         emb = embeddings if embeddings.shape[0] == 1 else embeddings[idx]
-        m, q = model.mask_decoder.predict_masks(emb, image_pe, sparse, dense)
+        if hq_features is None:
+            m, q = model.mask_decoder.predict_masks(emb, image_pe, sparse, dense)
+        else:
+            feats = hq_features if hq_features.shape[0] == 1 else hq_features[idx]
+            _, m, q = model.mask_decoder.predict_all(emb, image_pe, sparse, dense, feats)
+            q = q[:, :1].detach()
         masks.append(m)
         ious.append(q)
         order.append(idx)
@@ -70,8 +78,8 @@ def _to_grid(logits: torch.Tensor, grid: int) -> torch.Tensor:
 
 def run_interactive(model: Sam, embeddings: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
                     input_size: torch.Tensor, generator: torch.Generator, cfg: InteractiveConfig = InteractiveConfig(),
-                    backward: bool = True, autocast: Optional[contextlib.AbstractContextManager] = None
-                    ) -> InteractiveStats:
+                    backward: bool = True, autocast: Optional[contextlib.AbstractContextManager] = None,
+                    hq_features: Optional[torch.Tensor] = None) -> InteractiveStats:
     """Simulate one interactive session per sample and (with ``backward``) accumulate gradients.
 
     Args:
@@ -81,6 +89,8 @@ def run_interactive(model: Sam, embeddings: torch.Tensor, gt: torch.Tensor, vali
         input_size: ``B x 2`` (h, w) of the resized image inside the model frame.
         generator: CPU generator driving every random choice (reproducible).
         autocast: context manager for the forward passes (e.g. bf16), or None.
+        hq_features: ``--mode hq``: the HQ features per sample (see :func:`decode_tokens`); the loss is
+            then focal + dice on the HQ token's mask alone (no IoU-head term: the IoU head is frozen).
     Each iteration's loss is divided by the number of iterations and back-propagated at once, so
     decoder activations are freed iteration by iteration; the mask prompt fed to the next
     iteration is detached (the simulated user does not differentiate).
@@ -100,16 +110,23 @@ def run_interactive(model: Sam, embeddings: torch.Tensor, gt: torch.Tensor, vali
     sums = dict(loss=0.0, focal=0.0, dice=0.0, iou_mse=0.0)
     first_iou = last_iou = 0.0
     single = torch.tensor([True, False, False, False], device=gt.device)
+    iou_weight = cfg.iou_weight
+    if hq_features is not None:  # one output, the HQ mask
+        single = torch.tensor([True], device=gt.device)
+        iou_weight = 0.0
     for it in range(n_iters):
         if it > 0 and schedule[it - 1]:
             xy, labels, found = error_points(pred, gt, valid, img_size, generator)
             state.add(xy, labels, found)
         multi = state.multimask()
-        candidates = torch.where(multi[:, None], ~single[None], single[None])
+        if hq_features is None:
+            candidates = torch.where(multi[:, None], ~single[None], single[None])
+        else:
+            candidates = single[None].expand(len(multi), 1)
         with ctx:
-            logits, iou_pred = decode_tokens(model, embeddings, state, mask_input)
+            logits, iou_pred = decode_tokens(model, embeddings, state, mask_input, hq_features)
         losses = sam_loss(_to_grid(logits.float(), grid), iou_pred.float(), target, candidates, weight,
-                          cfg.focal_weight, cfg.dice_weight, cfg.iou_weight, cfg.focal_alpha, cfg.focal_gamma)
+                          cfg.focal_weight, cfg.dice_weight, iou_weight, cfg.focal_alpha, cfg.focal_gamma)
         if backward and losses.total.requires_grad:
             (losses.total / n_iters).backward()
         sums["loss"] += float(losses.total.detach()) / n_iters

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .lora import LoRALinear
 
-MODES = ("decoder", "lora", "full")
+MODES = ("decoder", "lora", "full", "hq")
 
 # Parts of an encoder that take no part in the image embedding (MobileSAM's ImageNet classifier).
 _UNUSED_ENCODER = ("head.", "norm_head.")
@@ -23,9 +23,22 @@ def set_trainable(model: nn.Module, mode: str) -> List[str]:
     - ``decoder``: prompt encoder + mask decoder; the image encoder is frozen.
     - ``lora``: the same plus the LoRA adapters inside the encoder (apply them first).
     - ``full``: everything except encoder parts unused by SAM.
+    - ``hq``: only HQ-SAM's HQ parts (the HQ token, its MLP, the feature fusion); everything else is
+      frozen, as in the HQ-SAM paper. The model must be an HQ-SAM model (see :func:`attach_hq`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "hq":
+        from ..modeling.hq import hq_parameters
+
+        hq = {name for name, _ in hq_parameters(model)}
+        if not hq:
+            raise ValueError("mode 'hq' trains the HQ-SAM parts (hf_token, hf_mlp, compress_vit_feat, "
+                             "embedding_encoder, embedding_maskfeature), but this model has none: give an HQ-SAM "
+                             "model, or attach fresh HQ parts with anyseg.train.params.attach_hq")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in hq)
+        return sorted(hq)
     for name, p in model.named_parameters():
         if name.startswith("image_encoder."):
             local = name[len("image_encoder."):]
@@ -40,6 +53,35 @@ def set_trainable(model: nn.Module, mode: str) -> List[str]:
     if mode == "lora" and not any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("mode 'lora' needs adapters: call anyseg.train.lora.apply_lora on the encoder first")
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def attach_hq(model: nn.Module) -> nn.Module:
+    """A SAM 1 model with freshly initialised HQ-SAM parts (the HQ-SAM paper trains them from scratch
+    on a frozen SAM): the same weights for every SAM key, the HQ token, its MLP and the fusion layers
+    at their default init. An HQ model is returned unchanged."""
+    from dataclasses import replace
+
+    from ..config import HQConfig, ViTConfig
+    from ..modeling.sam import build_sam
+
+    if getattr(model, "is_hq", False):
+        return model
+    config = model.config
+    encoder = config.encoder
+    if isinstance(encoder, ViTConfig):
+        vit_dim = encoder.embed_dim
+    else:
+        if len(encoder.embed_dims) < 3:
+            raise ValueError("HQ-SAM needs a TinyViT with at least three stages")
+        vit_dim = encoder.embed_dims[2]
+    hq_model = build_sam(replace(config, hq=HQConfig(vit_dim=vit_dim)))
+    missing, unexpected = hq_model.load_state_dict(model.state_dict(), strict=False)
+    from ..modeling.hq import HQ_KEY_PREFIXES
+
+    stray = [k for k in missing if not (k.startswith("mask_decoder.") and k.split(".")[1] in HQ_KEY_PREFIXES)]
+    if stray or unexpected:
+        raise ValueError(f"cannot attach HQ parts: keys differ ({', '.join(stray + list(unexpected))})")
+    return hq_model.to(next(model.parameters()).device).train(model.training)
 
 
 def encoder_layer_ids(model: nn.Module) -> Dict[str, int]:

@@ -1,4 +1,4 @@
-"""The training loop: modes ``decoder`` / ``lora`` / ``full``, AdamW with warm-up + cosine decay and
+"""The training loop: modes ``decoder`` / ``lora`` / ``full`` / ``hq``, AdamW with warm-up + cosine decay and
 layer-wise LR decay, optional bf16 autocast and gradient checkpointing, deterministic seeds, atomic
 resumable checkpoints, CSV (and optional TensorBoard) logs, export in the public key layout.
 
@@ -28,7 +28,7 @@ from .config import IDENTITY_FIELDS, TrainConfig
 from .datasets import open_dataset, select_masks, to_model_frame
 from .interactive import run_interactive
 from .lora import apply_lora, merged_state_dict
-from .params import enable_gradient_checkpointing, param_groups, set_trainable
+from .params import attach_hq, enable_gradient_checkpointing, param_groups, set_trainable
 
 STATE_FORMAT = "anyseg-train-state"
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "focal", "dice", "iou_mse", "first_iou", "last_iou", "masks", "seconds")
@@ -55,9 +55,12 @@ def cosine_schedule(total: int, warmup: int, min_ratio: float) -> Callable[[int]
 
 def build_training_model(cfg: TrainConfig) -> Sam:
     """The model a run starts from: loaded checkpoint or a fresh ``arch`` (seeded init), with LoRA
-    adapters in mode ``lora`` and the trainable set for the mode. Encoder BatchNorms stay in eval."""
+    adapters in mode ``lora``, freshly initialised HQ parts in mode ``hq`` when the model is a SAM 1
+    model, and the trainable set for the mode. Encoder BatchNorms stay in eval."""
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, img_size=cfg.img_size) if cfg.model else build_sam(cfg.sam_config())
+    if cfg.mode == "hq":
+        model = attach_hq(model)
     model.eval()  # no dropout in SAM; BatchNorm statistics (TinyViT) stay frozen
     if cfg.mode == "lora":
         apply_lora(model.image_encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
@@ -209,8 +212,22 @@ class Trainer:
         valid = torch.cat(valids).to(dev)
         input_size = torch.cat(sizes).to(dev)
         owner = torch.tensor(owners, device=dev)
+        hq_graph = hq_leaf = None
         if self.cache is not None:
             embeddings = torch.stack([self.cache.get(i) for i in cached]).to(dev)
+            leaf = None
+            per_mask = embeddings[owner]
+        elif cfg.mode == "hq":
+            # HQ-SAM's recipe: the encoder is frozen and runs without gradients; the HQ feature fusion
+            # is computed once per image, and its gradient collected on a per-mask leaf (the
+            # interactive loop back-propagates iteration by iteration).
+            x = torch.stack([self.model.preprocess(img.to(dev)) for img in images])
+            with torch.no_grad(), self.autocast():
+                embeddings, interm = self.model.encode_image(x, return_interm=True)
+            embeddings, interm = embeddings.float(), interm.float()
+            with self.autocast():
+                hq_graph = self.model.mask_decoder.hq_features(embeddings, interm)[owner]
+            hq_leaf = hq_graph.detach().float().requires_grad_(True)
             leaf = None
             per_mask = embeddings[owner]
         else:
@@ -221,9 +238,11 @@ class Trainer:
             leaf = per_mask_graph.detach().float().requires_grad_(True)
             per_mask = leaf
         stats = run_interactive(self.model, per_mask, gt, valid, input_size, gen, self.cfg,
-                                backward=True, autocast=self.autocast())
+                                backward=True, autocast=self.autocast(), hq_features=hq_leaf)
         if leaf is not None and leaf.grad is not None:
             per_mask_graph.backward(leaf.grad.to(per_mask_graph.dtype))
+        if hq_leaf is not None and hq_leaf.grad is not None:
+            hq_graph.backward(hq_leaf.grad.to(hq_graph.dtype))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
