@@ -304,8 +304,9 @@ def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: Lis
         n = max(r.get("median_of", 1) for r in rows if "wall_min" in r)
         lines += [f"SAM 2 rows: median of up to {n} repeats with the configurations alternating within each "
                   "repeat (best wall time in parentheses); model in the task column.", ""]
-    lines += [f"| task | config | wall (s) | CPU (s) | page faults | speedup | throughput | {mem} | fast paths |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    if rows:
+        lines += [f"| task | config | wall (s) | CPU (s) | page faults | speedup | throughput | {mem} | fast paths |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         extra = f" ({r['n_masks']} masks)" if "n_masks" in r else ""
         if "per_image_ms" in r:
@@ -317,7 +318,7 @@ def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: Lis
         lines.append(f"| {r['task']}{extra} | {r['config']} | {wall} | {r['cpu']:.3f} | {faults} | "
                      f"{r['speedup']:.2f}x | {r['throughput']:.2f} {r['unit']} | {_mb(r['peak_bytes'])} | {r['describe']} |")
     if quality:
-        lines += ["", "| model | config | min mask IoU vs faithful (worst case) | max IoU-score error | "
+        lines += ([""] if rows else []) + ["| model | config | min mask IoU vs faithful (worst case) | max IoU-score error | "
                       "AMG fast matched in faithful | AMG faithful matched in fast |",
                   "|---|---|---:|---:|---:|---:|"]
         for q in quality:
