@@ -250,8 +250,8 @@ def _with_float32(encoder: torch.nn.Module, names: Sequence[str]) -> torch.nn.Mo
 # encode 1226 -> 1598 MB), so ViT-B / ViT-L / ViT-H stay on MKL unless onednn_encoder=True.
 ONEDNN_ENCODER_MAX_BYTES = 64 << 20
 # SAM 2: Hiera's MLPs run a separate GELU pass over large maps that oneDNN fuses, and its linear layers
-# ran 11 % faster through oneDNN (Hiera-T, 102 MiB of linear weights; docs/speed.md, "SAM 2"), so the
-# lossless preset packs Hiera-T and Hiera-S (129 MiB), not Hiera-B+ / -L.
+# ran 11 % faster through oneDNN (Hiera-T, 102 MiB of linear weights; benchmarks/results/speed-log.md,
+# "SAM 2 images"), so the lossless preset packs Hiera-T and Hiera-S (129 MiB), not Hiera-B+ / -L.
 ONEDNN_ENCODER_MAX_BYTES_SAM2 = 160 << 20
 
 

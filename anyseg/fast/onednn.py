@@ -6,8 +6,9 @@ blocked layout between calls. On an AMD EPYC (Zen 4) the decoder's products ran 
 oneDNN in one-off measurements: a prompt's token MLP (``7 x 256`` against ``256 x 2048``) about 2.8x
 with the weight kept packed, the upscaling's second layer about 1.15x with its GELU fused in, the
 hypernetworks' ``3 x 32`` against ``32 x 65536`` about 1.6x (``benchmarks/bench_decoder_ab.py`` times
-the decoder against a revision from before them; ``docs/speed.md`` has the numbers). The results are
-those of the same float32 products summed in another order: differences at rounding level.
+the decoder against a revision from before them; ``benchmarks/results/speed-log.md`` has the
+numbers). The results are those of the same float32 products summed in another order: differences at
+rounding level.
 
 The helpers fall back to the plain PyTorch ops where oneDNN cannot serve: another device or dtype,
 autograd (the oneDNN op has no backward), a trace (ONNX export), autocast, or a PyTorch built
