@@ -151,9 +151,10 @@ def apply_speed(model, speed, *, keep_freed_memory: bool = True) -> None:
     """Switch on the fast paths of ``speed`` (``"auto"``, ``"lossless"``, ``"faithful"`` or a
     :class:`~anyseg.speed.SpeedConfig`) that ``model``'s family has.
 
-    ``"auto"`` means the sensible fast paths of the family on the model's device; SAM 2 has none yet, so
-    it runs the faithful computation, and asking it for more (``"lossless"``, a config with fast paths)
-    is :class:`UnsupportedByModel`. ``keep_freed_memory=False`` leaves the C allocator as it is even where
+    ``"auto"`` means the sensible fast paths of the family on the model's device. The surfaces run SAM 2
+    on its faithful computation for now (its fast paths are switched on in Python with
+    ``load_model(..., speed=...)``); asking them for more (``"lossless"``, a config with fast paths) is
+    :class:`UnsupportedByModel`. ``keep_freed_memory=False`` leaves the C allocator as it is even where
     the preset would tune it (a long-running server).
     """
     _SPEED[model_family(model)](model, speed, keep_freed_memory)

@@ -277,8 +277,11 @@ def test_safetensors_round_trip(tmp_path, sam2_dir, golden_model):
 
 def test_load_model_options_for_sam2(sam2_dir, golden_model):
     path = sam2_dir / "sam2.1_golden.pt"
-    with pytest.raises(NotImplementedError, match="speed"):
-        anyseg.load_model(path, speed="lossless")
+    from anyseg.speed import get_config
+
+    fast = anyseg.load_model(path, speed="lossless")
+    assert get_config(fast) is not None and get_config(fast).fast_decoder
+    assert get_config(anyseg.load_model(path)) is None
     model = anyseg.load_model(path, config=golden_model.config, speed="faithful", dtype=torch.float64, video=True)
     assert model.config == golden_model.config.for_video()
     assert model.no_mem_embed.dtype == torch.float64
