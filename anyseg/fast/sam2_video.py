@@ -331,24 +331,29 @@ class VideoFastRuntime:
                 kpos = self._position_keys(layer, hw, mem_dim, device)
                 # rope(W_k tau_s) for the temporal slots in use: a constant vector rotated per token.
                 slot_keys: Dict[int, torch.Tensor] = {}
-                out = torch.empty(n_obj, hw, c, device=device, dtype=torch.float32)
+                out = None
                 for idx in groups.values():
-                    ks, vs = [], []
-                    for i in idx:
+                    # Keys and values of the group's objects written in place (no per-object copies).
+                    n_keys = layouts[idx[0]][2].shape[0]
+                    k = torch.empty(len(idx), n_keys, c, device=device, dtype=kdtype)
+                    v = torch.empty(len(idx), n_keys, c, device=device, dtype=kdtype)
+                    for j, i in enumerate(idx):
                         contents, slots, values_in, ptrs, ptr_pos = layouts[i]
-                        parts = []
+                        start = 0
                         for content, s in zip(contents, slots):
                             pk = slot_keys.get(s)
                             if pk is None:
                                 u = F.linear(model.maskmem_tpos_enc[s].reshape(1, -1).float(), a.k_proj.weight)
                                 pk = slot_keys[s] = kpos + rope(u.expand(hw, -1), cos2, sin2)
-                            parts.append(torch.add(content[li], pk).to(kdtype))
+                            torch.add(content[li], pk, out=k[j, start:start + hw])
+                            start += hw
                         if ptrs is not None:
-                            parts.append(F.linear(ptrs + ptr_pos, a.k_proj.weight, a.k_proj.bias).to(kdtype))
-                        ks.append(torch.cat(parts, dim=0))
-                        vs.append(F.linear(values_in, a.v_proj.weight, a.v_proj.bias).to(kdtype))
-                    k = torch.stack(ks, dim=0).unsqueeze(1)
-                    v = torch.stack(vs, dim=0).unsqueeze(1)
+                            k[j, start:] = F.linear(ptrs + ptr_pos, a.k_proj.weight, a.k_proj.bias)
+                        if dtype is None:
+                            torch.addmm(a.v_proj.bias, values_in, a.v_proj.weight.t(), out=v[j])
+                        else:
+                            v[j] = F.linear(values_in, a.v_proj.weight, a.v_proj.bias)
+                    k, v = k.unsqueeze(1), v.unsqueeze(1)
                     qg = q.expand(len(idx), -1, -1) if shared else q[idx]
                     qg = qg.to(kdtype).unsqueeze(1)
                     o = F.scaled_dot_product_attention(qg, k, v)[:, 0]
@@ -356,6 +361,8 @@ class VideoFastRuntime:
                     if len(idx) == n_obj:
                         out = o
                     else:
+                        if out is None:
+                            out = torch.empty(n_obj, hw, c, device=device, dtype=torch.float32)
                         out[idx] = o
                 x = x + out  # B x HW x C from here on
                 shared = False

@@ -210,7 +210,7 @@ def header(num_frames: int) -> str:
 
     return (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpu_description()}, torch {torch.__version__}, "
             f"load average {os.getloadavg()[0]:.1f}; golden clip played forth and back to {num_frames} frames, "
-            f"steady state = frames {{num_maskmem}}.. (full memory bank).")
+            f"steady state = from frame num_maskmem (7) on (full memory bank).")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
