@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Extra pieces the end-to-end tests use. Every step checks first and is safe to run again.
-#   - Python: the server and ONNX extras, httpx (API tests) and Playwright (browser test; its own
+#   - Python: the server, ONNX, video and Ray extras, httpx (API tests) and Playwright (browser test; its own
 #     browser download is never used: the tests drive Debian's Chromium).
 #   - Debian's chromium at /usr/bin/chromium for the browser test.
 #   - onnxruntime-web from the npm registry, copied into anyseg/server/static/ort/ (git-ignored) so
@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python3}"
 warn() { echo "setup-test-env: warning: $*" >&2; }
 
 # --- Python packages (pip does nothing for requirements already met) ---------------------------------
-"$PYTHON" -m pip install -q -e ".[server,onnx,video]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19"
+"$PYTHON" -m pip install -q -e ".[server,onnx,video,ray]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19"
 
 # --- Chromium from Debian -----------------------------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then

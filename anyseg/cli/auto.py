@@ -139,6 +139,9 @@ def register(subparsers) -> None:
     group.add_argument("--hq-token-only", action="store_true",
                        help="HQ-SAM only: each point's HQ-token mask alone instead of the best SAM mask plus it")
     add_model_arguments(parser)
+    from ..scale import add_ray_arguments  # no Ray import: only the --ray options
+
+    add_ray_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -181,7 +184,13 @@ def plan_jobs(inputs: Sequence[str], outdir: Path) -> List[Job]:
         raise FileNotFoundError(f"no input images outside the output folder '{outdir}'")
     roots = {root for _, root in found.values()}
     common = os.path.commonpath(sorted(roots))
-    rels = sorted((Path(os.path.relpath(a, common)).as_posix(), found[a][0]) for a in found)
+    return name_jobs((Path(os.path.relpath(a, common)).as_posix(), found[a][0]) for a in found)
+
+
+def name_jobs(sources) -> List[Job]:
+    """Jobs for ``(rel, path)`` pairs (rel: POSIX path relative to the common folder), sorted by rel,
+    with collision-free output names."""
+    rels = sorted(sources)
     names = [rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel for rel, _ in rels]
     taken: Dict[str, int] = {}
     for name in names:
@@ -229,8 +238,10 @@ def _source_stamp(path: Path) -> Dict[str, int]:
     return {"source_size": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns)}
 
 
-def _finished(outdir: Path, job: Job, files: List[str], settings: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The marker of a finished image whose outputs are all there and still valid, else None."""
+def _finished(outdir: Path, job: Job, files: List[str], settings: Dict[str, Any],
+              stamp: Optional[Dict[str, int]] = None) -> Optional[Dict[str, Any]]:
+    """The marker of a finished image whose outputs are all there and still valid, else None.
+    ``stamp``: the source's size and mtime when known (else read from ``job.path``)."""
     import json
 
     marker = outdir / MARKER_DIR / f"{job.base}.done.json"
@@ -238,7 +249,7 @@ def _finished(outdir: Path, job: Job, files: List[str], settings: Dict[str, Any]
         data = json.loads(marker.read_text(encoding="utf-8"))
         ok = (data.get("version") == _MARKER_VERSION and data.get("source") == job.rel
               and data.get("settings") == settings and set(files) <= set(data.get("files", []))
-              and all(data.get(k) == v for k, v in _source_stamp(job.path).items()))
+              and all(data.get(k) == v for k, v in (stamp or _source_stamp(job.path)).items()))
     except (OSError, ValueError, AttributeError):
         return None
     return data if ok and all((outdir / f).is_file() for f in files) else None
@@ -292,6 +303,10 @@ def run(args: argparse.Namespace) -> int:
     from ..imageio import load_image
 
     args.formats = sorted({f for group in (args.formats or [["sa1b"]]) for f in group}, key=FORMATS.index)
+    if getattr(args, "ray", None) is not None:  # the same job on a Ray cluster (Ray imported only there)
+        from ..scale import run as run_on_ray
+
+        return run_on_ray(args)
     outdir = Path(args.output)
     jobs = plan_jobs(args.inputs, outdir)
     outdir.mkdir(parents=True, exist_ok=True)
