@@ -151,10 +151,8 @@ def apply_speed(model, speed, *, keep_freed_memory: bool = True) -> None:
     """Switch on the fast paths of ``speed`` (``"auto"``, ``"lossless"``, ``"faithful"`` or a
     :class:`~anyseg.speed.SpeedConfig`) that ``model``'s family has.
 
-    ``"auto"`` means the sensible fast paths of the family on the model's device. The surfaces run SAM 2
-    on its faithful computation for now (its fast paths are switched on in Python with
-    ``load_model(..., speed=...)``); asking them for more (``"lossless"``, a config with fast paths) is
-    :class:`UnsupportedByModel`. ``keep_freed_memory=False`` leaves the C allocator as it is even where
+    ``"auto"`` means the sensible fast paths of the family on the model's device (SAM 1 and SAM 2 share
+    :mod:`anyseg.speed`'s presets; ``anyseg.fast.sam2`` holds SAM 2's). ``keep_freed_memory=False`` leaves the C allocator as it is even where
     the preset would tune it (a long-running server).
     """
     _SPEED[model_family(model)](model, speed, keep_freed_memory)
@@ -169,15 +167,6 @@ def _sam_speed(model, speed, keep_freed_memory: bool) -> None:
     if not keep_freed_memory:
         config = replace(config, keep_freed_memory=False)
     apply(model, config)
-
-
-def _faithful_only(model, speed, keep_freed_memory: bool) -> None:
-    from .speed import SpeedConfig
-
-    if speed in (None, "auto", "faithful") or (isinstance(speed, SpeedConfig) and speed.is_faithful):
-        return
-    raise UnsupportedByModel(f"speed {speed!r} is not available for {FAMILY_NAMES[model_family(model)]} models "
-                             "yet: use 'auto' or 'faithful' (the reference float32 computation)")
 
 
 # ------------------------------------------------------------------------------------ prompt checks
@@ -423,4 +412,4 @@ class Sam2SurfacePredictor(SAM2ImagePredictor):
 _FAMILIES: Tuple[Tuple[type, str], ...] = ((Sam, "sam"), (Sam2, "sam2"))
 FAMILY_NAMES: Dict[str, str] = {"sam": "SAM 1", "sam2": "SAM 2"}
 _ADAPTERS: Dict[str, Any] = {"sam": SamSurfacePredictor, "sam2": Sam2SurfacePredictor}
-_SPEED: Dict[str, Any] = {"sam": _sam_speed, "sam2": _faithful_only}
+_SPEED: Dict[str, Any] = {"sam": _sam_speed, "sam2": _sam_speed}

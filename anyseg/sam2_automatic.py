@@ -169,8 +169,5 @@ class SAM2AutomaticMaskGenerator(MaskGenerator):
         predictor, model = self.predictor, self.predictor.model
         coords = predictor.transform_coords(points.to(model.device), True, predictor.original_size)
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int32, device=coords.device)
-        sparse, dense = model.embed_prompts((coords[:, None, :], labels), mask_input)
-        features = predictor._features  # the reference layout: image_embed, high_res_feats
-        low_res, iou, _, _ = model.decode(features["image_embed"], tuple(features["high_res_feats"]), sparse,
-                                          dense, multimask_output)
-        return low_res.float(), iou.float()
+        # The faithful decoder, or the fast one when anyseg.speed switched it on for the model.
+        return predictor.decode_low_res((coords[:, None, :], labels), mask_input, multimask_output)

@@ -41,7 +41,7 @@ def test_auto_with_sam2_matches_the_api_and_resumes(sam2_model, tmp_path):
     image_path = _require(IMAGES) / "groceries.jpg"
     out = tmp_path / "out"
     argv = ["auto", str(image_path), "-o", str(out), "--format", "sa1b,coco,png", "-m", str(SAM2_CHECKPOINT),
-            "--no-progress", *GENERATOR_ARGS]
+            "--speed", "faithful", "--no-progress", *GENERATOR_ARGS]
     status, stdout, stderr = _run(argv)
     assert status == 0, stderr
     assert "1 processed, 0 skipped (already done), 0 failed" in stdout

@@ -78,8 +78,30 @@ def test_amg_matches_reference(case, sam2_model, amg_spec, groceries):
     golden = _read_golden(SAM2 / spec["file"])
     assert len(golden["masks"]) == spec["n_masks"]
     generator = SAM2AutomaticMaskGenerator(sam2_model, output_mode=golden["output_mode"], **golden["params"])
-    records = generator.generate(groceries)
+    _check_records(generator.generate(groceries), golden, tol, groceries)
 
+
+@pytest.fixture(scope="module")
+def lossless_model():
+    import anyseg
+
+    return anyseg.load_model(_require(SAM2) / "sam2.1_golden.pt", speed="lossless")
+
+
+@pytest.mark.parametrize("case", [0])  # the fast decoder's mask prompts (case 1's m2m): test_sam2_fast.py
+def test_lossless_amg_matches_reference(case, lossless_model, amg_spec, groceries):
+    """Segment everything through the fast encoder and decoder (``speed="lossless"``, batched points)
+    keeps the golden tolerances."""
+    from anyseg.speed import get_config
+
+    assert get_config(lossless_model).fast_decoder
+    specs, tol = amg_spec
+    golden = _read_golden(SAM2 / specs[case]["file"])
+    generator = SAM2AutomaticMaskGenerator(lossless_model, output_mode=golden["output_mode"], **golden["params"])
+    _check_records(generator.generate(groceries), golden, tol, groceries)
+
+
+def _check_records(records, golden, tol, groceries):
     for i, mask, ref in _pair_up(records, golden["masks"], tol["tie_atol"]):
         ours = records[i]
         assert ours["segmentation"]["size"] == ref["segmentation"]["size"] == list(groceries.shape[:2])

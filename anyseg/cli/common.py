@@ -28,8 +28,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, 
     parser.add_argument(
         "--speed", choices=("auto", "lossless", "faithful"), default="auto",
         help="fast paths: auto (lossless fast paths, plus bf16 where the hardware has it; default), lossless "
-             "(same float32 results as the reference, faster) or faithful (the reference computation); SAM 2 "
-             "models have no fast paths yet (auto runs them faithfully)",
+             "(same float32 results as the reference, faster) or faithful (the reference computation); SAM 1 "
+             "and SAM 2 models alike",
     )
 
 
@@ -37,8 +37,8 @@ def load_model_from_args(args: argparse.Namespace, *, img_size: Optional[int] = 
                          keep_freed_memory: bool = True):
     """The model of ``--model`` on ``--device`` with ``--speed`` (and at ``img_size`` px when given).
 
-    SAM 1 and SAM 2 checkpoints alike; ``--speed auto`` switches on the fast paths the model's family has
-    (none yet for SAM 2). What a family cannot do (``--speed lossless`` or ``--img-size`` with SAM 2) is a
+    SAM 1 and SAM 2 checkpoints alike; ``--speed auto`` switches on the fast paths of
+    :mod:`anyseg.speed` for the model's family. What a family cannot do (``--img-size`` with SAM 2) is a
     ValueError that says so. ``keep_freed_memory=False`` leaves the C allocator as it is even where the
     speed preset would tune it (a long-running server whose memory should follow its cache bound)."""
     import torch
