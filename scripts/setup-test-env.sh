@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Extra pieces the end-to-end tests use. Every step checks first and is safe to run again.
-#   - Python: the server, ONNX, video and Ray extras, httpx (API tests) and Playwright (browser test; its own
-#     browser download is never used: the tests drive Debian's Chromium).
+#   - Python: the server, ONNX, video and Ray extras, httpx (API tests), schemathesis (API fuzzer) and
+#     Playwright (browser test; its own browser download is never used: the tests drive Debian's Chromium).
 #   - Debian's chromium at /usr/bin/chromium for the browser test.
 #   - onnxruntime-web from the npm registry, copied into anyseg/server/static/ort/ (git-ignored) so
 #     that the page can decode clicks itself.
@@ -13,7 +13,8 @@ PYTHON="${PYTHON:-python3}"
 warn() { echo "setup-test-env: warning: $*" >&2; }
 
 # --- Python packages (pip does nothing for requirements already met) ---------------------------------
-"$PYTHON" -m pip install -q -e ".[server,onnx,video,ray]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19"
+"$PYTHON" -m pip install -q -e ".[server,onnx,video,ray]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19" \
+  "schemathesis>=4.32,<5"
 
 # --- Chromium from Debian -----------------------------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then

@@ -12,6 +12,7 @@ def add_annotation_routes(app, engine, store, auth: List) -> None:
     from fastapi.responses import JSONResponse, Response
 
     from ..masks import coco_rle_to_mask
+    from .contract import errors
     from .formats import mask_to_png_bytes, segmentation_to_mask
     from .schemas import Annotation, AnnotationCreate, AnnotationList, AnnotationUpdate
 
@@ -30,7 +31,8 @@ def add_annotation_routes(app, engine, store, auth: List) -> None:
         return AnnotationList(annotations=store.list(image_id), persistent=store.path is not None)
 
     @app.post(f"{API}/annotations", response_model=Annotation, status_code=201, tags=["annotations"],
-              dependencies=auth, summary="accept an object (saved before the answer when a file is set)")
+              dependencies=auth, summary="accept an object (saved before the answer when a file is set)",
+              responses=errors(404, e404="unknown image id: encode the image first"))
     def add_annotation(body: AnnotationCreate):
         entry = engine.cache.get(body.image_id)
         known = [a for a in store.document(body.image_id)["images"]]
@@ -41,8 +43,11 @@ def add_annotation_routes(app, engine, store, auth: List) -> None:
         else:
             raise HTTPException(404, f"unknown image id {body.image_id!r}: encode the image first")
         mask = segmentation_to_mask(body.segmentation, size)
+        provenance = body.provenance.model_dump() if body.provenance is not None else {}
+        if provenance.get("stage") in ("assisted", "auto") and not provenance.get("model"):
+            provenance["model"] = engine.model_name  # made by the model the server runs now
         return store.add(image_id=body.image_id, file_name=body.file_name or name or body.image_id, size=size,
-                         label=body.label, mask=mask, score=body.score)
+                         label=body.label, mask=mask, score=body.score, provenance=provenance)
 
     @app.patch(f"{API}/annotations/{{ann_id}}", response_model=Annotation, tags=["annotations"], dependencies=auth,
                summary="change an object's label")
@@ -96,7 +101,7 @@ def add_annotation_routes(app, engine, store, auth: List) -> None:
 
     @app.get(f"{API}/export/masks.png", tags=["export"], dependencies=auth,
              summary="instance label map of one image: pixel value = object number in list order (0 = none)",
-             responses={200: {"content": {"image/png": {}}}})
+             responses={200: {"content": {"image/png": {}}}, **errors(404, e404="no accepted objects for the image")})
     def export_label_map(image_id: str):
         from PIL import Image
 

@@ -60,6 +60,7 @@ def add_video_routes(app, model, engine, settings, auth: List,
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import StreamingResponse
 
+    from .contract import errors
     from .schemas import MaskFormat
     from .video_schemas import (CancelResponse, ClearPromptsRequest, DeleteVideoResponse, FrameMasks,
                                 PropagateRequest, RemoveObjectResponse, VideoFileRequest, VideoInfo, VideoList,
@@ -72,6 +73,11 @@ def add_video_routes(app, model, engine, settings, auth: List,
     if isinstance(on_shutdown, list):
         on_shutdown.append(videos.close_all)
     tags = ["videos"]
+    # Error answers beyond those the contract derives from each route's inputs: 400 from a route without
+    # inputs when the model is not a SAM 2 one, 409 from those that lock a session, 429 from those that open one.
+    needs_sam2 = errors(400, e400="the served model is not a SAM 2 model, or an invalid request")
+    busy = errors(409, e409="the session is propagating or busy with another request")
+    full = errors(429, e429="as many sessions are open as the server allows")
 
     def call(fn, *args, **kwargs):
         """Run a session operation, turning its errors into HTTP answers."""
@@ -90,7 +96,8 @@ def add_video_routes(app, model, engine, settings, auth: List,
 
     # ----------------------------------------------------------------------------------- open
     @app.post(f"{API}/videos", response_model=VideoInfo, tags=tags, dependencies=auth,
-              summary="upload a video file and open it as a tracking session (encodes its first frame)")
+              summary="upload a video file and open it as a tracking session (encodes its first frame)",
+              responses=full)
     def open_upload(file: UploadFile = File(..., description="a video file: mp4, mov, webm, mkv, avi, ...")):
         call(videos.require_video)
         upload_dir = tempfile.mkdtemp(prefix="anyseg-upload-")
@@ -108,7 +115,8 @@ def add_video_routes(app, model, engine, settings, auth: List,
         return info(call(videos.open, target, name, upload_dir))
 
     @app.post(f"{API}/videos/from-file", response_model=VideoInfo, tags=tags, dependencies=auth,
-              summary="open a video file or JPEG-frame folder of the served folder as a tracking session")
+              summary="open a video file or JPEG-frame folder of the served folder as a tracking session",
+              responses={**full, **errors(404, e404="no such video in the served folder, or no --images")})
     def open_file(body: VideoFileRequest):
         call(videos.require_video)
         if settings.images_dir is None:
@@ -119,7 +127,7 @@ def add_video_routes(app, model, engine, settings, auth: List,
 
     # ------------------------------------------------------------------------------ sessions
     @app.get(f"{API}/videos", response_model=VideoList, tags=tags, dependencies=auth,
-             summary="the open video sessions and the limits")
+             summary="the open video sessions and the limits", responses=needs_sam2)
     def list_videos():
         call(videos.require_video)
         return VideoList(sessions=[info(s) for s in videos.list()], max_sessions=videos.settings.max_sessions,
@@ -137,7 +145,7 @@ def add_video_routes(app, model, engine, settings, auth: List,
 
     # ------------------------------------------------------------------------------- prompts
     @app.post(f"{API}/videos/{{video_id}}/prompts", response_model=FrameMasks, tags=tags, dependencies=auth,
-              summary="clicks, a box or a mask for an object on a frame; returns that frame's masks")
+              summary="clicks, a box or a mask for an object on a frame; returns that frame's masks", responses=busy)
     def add_prompt(video_id: str, body: VideoPromptRequest):
         session = call(videos.get, video_id)
         mask = None
@@ -149,13 +157,14 @@ def add_video_routes(app, model, engine, settings, auth: List,
         return frame_answer(session, frame_idx, records, masks, body.format)
 
     @app.post(f"{API}/videos/{{video_id}}/clear-prompts", response_model=FrameMasks, tags=tags,
-              dependencies=auth, summary="remove an object's prompts on a frame; returns that frame's masks")
+              dependencies=auth, summary="remove an object's prompts on a frame; returns that frame's masks",
+              responses=busy)
     def clear_prompts(video_id: str, body: ClearPromptsRequest):
         session, frame_idx, records, masks = call(videos.clear_prompts, video_id, body.frame_idx, body.obj_id)
         return frame_answer(session, frame_idx, records, masks, body.format)
 
     @app.delete(f"{API}/videos/{{video_id}}/objects/{{obj_id}}", response_model=RemoveObjectResponse, tags=tags,
-                dependencies=auth, summary="remove an object, its prompts and its results")
+                dependencies=auth, summary="remove an object, its prompts and its results", responses=busy)
     def remove_object(video_id: str, obj_id: int,
                       format: MaskFormat = Query("coco_rle", description="how the masks are encoded")):
         session, frames = call(videos.remove_object, video_id, obj_id)
@@ -163,7 +172,7 @@ def add_video_routes(app, model, engine, settings, auth: List,
                 "updated_frames": [frame_answer(session, f, r, m, format) for f, r, m in frames]}
 
     @app.post(f"{API}/videos/{{video_id}}/reset", response_model=VideoInfo, tags=tags, dependencies=auth,
-              summary="remove every object, prompt and result (the video stays open)")
+              summary="remove every object, prompt and result (the video stays open)", responses=busy)
     def reset(video_id: str):
         return info(call(videos.reset, video_id))
 
@@ -173,7 +182,8 @@ def add_video_routes(app, model, engine, settings, auth: List,
               responses={200: {"content": {NDJSON: {}},
                                "description": "one JSON object per line: {'type': 'frame', ...} per tracked "
                                               "frame, in tracking order, then {'type': 'end', 'status': "
-                                              "'completed' | 'cancelled' | 'error', 'frames', 'detail'}"}})
+                                              "'completed' | 'cancelled' | 'error', 'frames', 'detail'}"},
+                         **busy})
     async def propagate(video_id: str, body: PropagateRequest):
         sink = LoopSink(asyncio.get_running_loop(), videos.settings.frames_ahead)
         job = await run_in_threadpool(call, videos.start_propagation, video_id, sink, direction=body.direction,

@@ -6,7 +6,9 @@ interactive docs at ``/api/v1/docs``.
 
 Errors are JSON ``{"detail": ...}``: 400 for a bad image, prompt or body (never a traceback), 401 for a
 missing or wrong token, 404 for an unknown image id / file / annotation, 413 for a body over the
-limit, 500 with a generic message for anything unexpected (logged on the server).
+limit, 500 with a generic message for anything unexpected (logged on the server). The OpenAPI document
+declares each route's answers exactly (see :mod:`anyseg.server.contract`); a route names the error
+answers that do not follow from its parameters with ``responses=errors(...)``.
 """
 import logging
 import secrets
@@ -109,14 +111,21 @@ def create_app(model, settings: Optional[ServerSettings] = None):
     from .cache import EmbeddingCache
     from .engine import Engine
     from .page_decoder import DECODER_OPSET, DecoderExport
-    from .files import ImageFolder, OutsideFolderError
-    from .schemas import DecoderInfo, ErrorResponse, FileEncodeRequest, FileList, Health, ImageInfo, ModelInfo
+    from .contract import errors, install_contract
+    from .files import IMAGE_MEDIA_TYPES, ImageFolder, OutsideFolderError, media_type
+    from .schemas import DecoderInfo, FileEncodeRequest, FileList, Health, ImageInfo
 
     settings = settings or ServerSettings()
-    engine = Engine(model, EmbeddingCache(settings.cache_bytes), max_pixels=settings.max_pixels)
-    store = AnnotationStore(settings.annotations_path)
+    engine = Engine(model, EmbeddingCache(settings.cache_bytes), max_pixels=settings.max_pixels,
+                    model_name=settings.model_name)
+    store = AnnotationStore(settings.annotations_path, images_dir=settings.images_dir)
     folder = ImageFolder(settings.images_dir) if settings.images_dir is not None else None
-    decoder = DecoderExport(model, settings.decoder_dir, enabled=settings.browser_decoder)
+
+    def make_decoder(served) -> DecoderExport:
+        """The page's decoder graphs of model ``served`` (a new one on every model switch)."""
+        return DecoderExport(served, settings.decoder_dir, enabled=settings.browser_decoder)
+
+    decoder = make_decoder(model)
 
     app = FastAPI(
         title="anyseg", version=__version__,
@@ -124,11 +133,11 @@ def create_app(model, settings: Optional[ServerSettings] = None):
                     "segment everything, and keep labelled objects as COCO JSON. Coordinates are pixels "
                     "of the original image, X right, Y down.",
         openapi_url=f"{API}/openapi.json", docs_url=f"{API}/docs", redoc_url=None,
-        responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}},
     )
     app.state.settings, app.state.engine, app.state.store = settings, engine, store
     app.state.decoder, app.state.folder = decoder, folder
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    install_contract(app, token=settings.token is not None, prefix=API)
 
     # -------------------------------------------------------------------------------------- errors
     @app.exception_handler(RequestValidationError)
@@ -167,22 +176,16 @@ def create_app(model, settings: Optional[ServerSettings] = None):
     # ------------------------------------------------------------------------------- server state
     @app.get(f"{API}/health", response_model=Health, tags=["server"], summary="liveness and cache state")
     def health():
-        return Health(status="ok", model=settings.model_name, device=str(model.device), cache=engine.cache.stats(),
-                      encodes=engine.encodes, decoder=decoder.status,
+        decoder = app.state.decoder
+        return Health(status="ok", model=engine.model_name, device=str(engine.model.device),
+                      cache=engine.cache.stats(), encodes=engine.encodes, decoder=decoder.status,
                       annotations_file=str(settings.annotations_path) if settings.annotations_path else None,
                       images_dir=folder is not None, auth=settings.token is not None)
-
-    @app.get(f"{API}/models", response_model=list[ModelInfo], tags=["server"], dependencies=auth,
-             summary="the model this server runs")
-    def models():
-        return [ModelInfo(name=settings.model_name, loaded=True, family=engine.family,
-                          encoder=type(model.image_encoder).__name__, img_size=model.img_size,
-                          embedding_shape=[int(v) for v in engine.embedding_shape],
-                          mask_threshold=float(model.mask_threshold))]
 
     @app.get(f"{API}/decoder", response_model=DecoderInfo, tags=["browser decoder"], dependencies=auth,
              summary="whether the page can decode prompts itself")
     def decoder_info():
+        decoder, model = app.state.decoder, engine.model  # both change together on a model switch
         runtime = STATIC_DIR / "ort" / "ort.wasm.min.mjs"
         return DecoderInfo(
             status=decoder.status, reason=decoder.reason, opset=DECODER_OPSET,
@@ -192,20 +195,26 @@ def create_app(model, settings: Optional[ServerSettings] = None):
             img_size=int(model.img_size), mask_side=int(engine.mask_input_size), **decoder.describe(model),
         )
 
-    def _graph_file(path, filename: str) -> FileResponse:
+    def _graph_file(which: str, filename: str) -> FileResponse:
+        decoder = app.state.decoder
+        path = getattr(decoder, which)
         if decoder.status != "ready" or path is None:
             raise HTTPException(404, f"the decoder graph is not available: {decoder.reason}")
         return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
+    onnx_file = {200: {"content": {"application/octet-stream": {}}},
+                 **errors(404, e404="the graph is not available (being exported, or the browser decoder is off)")}
+
     @app.get(f"{API}/decoder.onnx", tags=["browser decoder"], dependencies=auth,
-             summary="the exported mask decoder graph (ONNX)", response_class=FileResponse)
+             summary="the exported mask decoder graph (ONNX)", response_class=FileResponse, responses=onnx_file)
     def decoder_graph():
-        return _graph_file(decoder.path, "decoder.onnx")
+        return _graph_file("path", "decoder.onnx")
 
     @app.get(f"{API}/decoder-cache.onnx", tags=["browser decoder"], dependencies=auth,
-             summary="the per-image graph whose outputs the decoder graph takes (ONNX)", response_class=FileResponse)
+             summary="the per-image graph whose outputs the decoder graph takes (ONNX)", response_class=FileResponse,
+             responses=onnx_file)
     def decoder_cache_graph():
-        return _graph_file(decoder.cache_path, "decoder-cache.onnx")
+        return _graph_file("cache_path", "decoder-cache.onnx")
 
     # ------------------------------------------------------------------------------------- folder
     def _folder() -> ImageFolder:
@@ -213,22 +222,27 @@ def create_app(model, settings: Optional[ServerSettings] = None):
             raise HTTPException(404, "this server was started without --images: there is no folder to browse")
         return folder
 
+    no_folder = "the server was started without --images"
+
     @app.get(f"{API}/files", response_model=FileList, tags=["folder"], dependencies=auth,
-             summary="images in the served folder")
+             summary="images in the served folder", responses=errors(404, e404=no_folder))
     def list_files():
         return FileList(files=_folder().list())
 
     @app.get(f"{API}/files/raw", tags=["folder"], dependencies=auth, response_class=FileResponse,
-             summary="the bytes of one image of the served folder")
+             summary="the bytes of one image of the served folder",
+             responses={200: {"content": {t: {} for t in sorted(set(IMAGE_MEDIA_TYPES.values()))}},
+                        **errors(404, e404=f"no such image in the served folder, or {no_folder}")})
     def raw_file(path: str):
         try:
             target = _folder().resolve(path)
         except OutsideFolderError as exc:
             raise HTTPException(404, str(exc)) from None
-        return FileResponse(target)
+        return FileResponse(target, media_type=media_type(target))
 
     @app.post(f"{API}/images/from-file", response_model=ImageInfo, tags=["images"], dependencies=auth,
-              summary="encode an image of the served folder")
+              summary="encode an image of the served folder",
+              responses=errors(404, e404=f"no such image in the served folder, or {no_folder}"))
     def encode_file(body: FileEncodeRequest):
         try:
             target = _folder().resolve(body.path)
@@ -253,6 +267,11 @@ def create_app(model, settings: Optional[ServerSettings] = None):
 
     add_image_routes(app, engine, settings, auth, image_info)
     add_annotation_routes(app, engine, store, auth)
+    from .api_loop import add_loop_routes
+    from .models import ModelCatalog
+
+    catalog = ModelCatalog(settings.model_name, model, settings.models_dir)
+    add_loop_routes(app, engine, store, catalog, auth, make_decoder)
     from .api_videos import add_video_routes
 
     add_video_routes(app, model, engine, settings, auth)

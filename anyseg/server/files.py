@@ -14,6 +14,16 @@ from typing import List
 from ..imageio import IMAGE_EXTENSIONS
 
 
+#: Media type of each image extension, as the folder's files are served.
+IMAGE_MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
+                     ".tif": "image/tiff", ".tiff": "image/tiff", ".webp": "image/webp", ".gif": "image/gif"}
+
+
+def media_type(path: Path) -> str:
+    """The media type a served image file is answered with."""
+    return IMAGE_MEDIA_TYPES.get(Path(path).suffix.lower(), "application/octet-stream")
+
+
 class OutsideFolderError(LookupError):
     """The path is not an image inside the served folder."""
 
@@ -47,11 +57,12 @@ class ImageFolder:
         pure = PurePosixPath(relative)
         if pure.is_absolute() or any(part in ("..", "") for part in pure.parts) or relative.startswith("~"):
             raise OutsideFolderError(f"no image {relative!r} in the served folder")
-        target = (self.root / pure).resolve()
         try:
+            target = (self.root / pure).resolve()
             target.relative_to(self.root)
-        except ValueError:
+            is_image = target.is_file() and target.suffix.lower() in IMAGE_EXTENSIONS
+        except (ValueError, OSError):   # outside, or a name the file system refuses (too long, ...)
             raise OutsideFolderError(f"no image {relative!r} in the served folder") from None
-        if not target.is_file() or target.suffix.lower() not in IMAGE_EXTENSIONS:
+        if not is_image:
             raise OutsideFolderError(f"no image {relative!r} in the served folder")
         return target

@@ -146,10 +146,11 @@ def resolve_video_path(root: Path, relative: str) -> Path:
     pure = PurePosixPath(relative)
     if pure.is_absolute() or any(part in ("..", "") for part in pure.parts):
         raise missing
-    target = (root / pure).resolve()
     try:
+        target = (root / pure).resolve()
         target.relative_to(root)
-    except ValueError:
+        target.stat()
+    except (ValueError, OSError):   # outside, missing, or a name the file system refuses (too long, ...)
         raise missing from None
     if target.is_dir():
         for entry in target.iterdir():
