@@ -301,11 +301,13 @@ def test_help_lists_every_option():
 # ----------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 @pytest.mark.golden
-def test_track_golden_clip_matches_the_golden_masks(clip, golden_model, tmp_path):
-    """Scenario a of the golden data (a click on frame 0, forward): the first three frames."""
+@pytest.mark.parametrize("speed", ["faithful", "lossless"])
+def test_track_golden_clip_matches_the_golden_masks(clip, golden_model, tmp_path, speed):
+    """Scenario a of the golden data (a click on frame 0, forward): the first three frames, with the
+    reference computation and with the lossless fast paths."""
     out = tmp_path / "out"
     status = main(["track", str(clip), "--point", "0,288,240", "--max-frames", "3", "-m", golden_model,
-                   "-o", str(out), "--no-progress"])
+                   "-o", str(out), "--no-progress", "--speed", speed])
     assert status == 0
     golden = np.load(SAM2 / "video_a_points_forward.npz")
     manifest = json.loads((SAM2 / "manifest.json").read_text())

@@ -213,6 +213,12 @@ def register(subparsers) -> None:
              "SAM 2 model")
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--speed", choices=("faithful", "lossless", "auto"), default="faithful",
+        help="faithful (default: the reference computation), lossless (objects batched per frame, memory keys "
+             "reused across frames, the fast image encoder: the same float32 results to rounding, more memory "
+             "per object) or auto (lossless plus bfloat16 memory attention where the hardware has native "
+             "bfloat16); see docs/video.md")
     parser.set_defaults(func=run)
 
 
@@ -432,7 +438,7 @@ def _track(args, frames, video_path: Path, formats: List[str], out: Path) -> int
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, video=True)
-    predictor = SAM2VideoPredictor(model)
+    predictor = SAM2VideoPredictor(model, speed=getattr(args, "speed", None))
     if frames.image_size != predictor.image_size:
         frames.close()
         frames = open_frames(str(video_path), image_size=predictor.image_size, lookahead=2)
