@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .common import add_model_arguments, box_arg, load_model_from_args, point_arg
+from .text_prompt import add_text_arguments
 
 DESCRIPTION = """\
 Segment one object in IMAGE from clicks and/or a box, like clicking in the interactive tool.
@@ -21,7 +22,8 @@ examples:
   anyseg segment photo.jpg --point 420,310 -o out/
   anyseg segment photo.jpg --point 420,310 --point 380,120,0 --multimask -o out/
   anyseg segment photo.jpg --box 100,80,620,540 --model sam_vit_b_01ec64.pth -o out/
-  anyseg segment photo.jpg --point 420,310 --model sam2.1_hiera_tiny.pt -o out/"""
+  anyseg segment photo.jpg --point 420,310 --model sam2.1_hiera_tiny.pt -o out/
+  anyseg segment photo.jpg --text "dog. red cup." --model vit_b -o out/"""
 
 
 def register(subparsers) -> None:
@@ -40,6 +42,7 @@ def register(subparsers) -> None:
                         help="HQ-SAM only: the HQ token's mask alone instead of the best SAM mask plus it")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (created)")
     add_model_arguments(parser)
+    add_text_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -52,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from ..protocol import make_predictor
     from ..visualize import overlay_masks
 
+    if args.text is not None:
+        from .text_prompt import run_text
+
+        return run_text(args)
     if not args.point and args.box is None:
-        raise ValueError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
+        raise ValueError("give at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text PHRASES")
     image = load_image(args.image)
     model = load_model_from_args(args)
     if args.hq_token_only and not getattr(model, "is_hq", False):
