@@ -19,7 +19,10 @@ checkpoints; SAM 2 models always decode on the server (there is no browser decod
 
 Images are encoded once and cached by content hash (LRU bounded by --cache-mb). With --annotations,
 accepted objects are written to that COCO JSON file (atomically) after every change, and shown
-again after a restart.
+again after a restart; each records how it was made (manual, assisted clicks, accepted auto-label
+proposal), by which model, with how many clicks and seconds. 'anyseg train --data coco:FILE' trains
+on that file (images from --images). With --models DIR the page (and POST /api/v1/models/switch) can
+switch to any checkpoint in DIR, e.g. the runs folder of 'anyseg train', without a restart.
 
 Security: the server binds to 127.0.0.1 unless told otherwise; only files inside --images are ever
 read; request bodies, uploads and image sizes are limited. Set --token (or ANYSEG_TOKEN) to require
@@ -30,6 +33,9 @@ examples:
   anyseg serve --model vit_b --images photos/ --annotations photos/labels.json
   anyseg serve --model sam_vit_b_01ec64.pth --port 8080 --token s3cret
   anyseg serve --model sam2.1_hiera_tiny.pt --images photos/
+  # the data-engine loop: label, retrain the decoder on the labels, switch to the new model
+  anyseg serve --model vit_b --images photos/ --annotations labels.json --models runs/
+  anyseg train --model vit_b --mode decoder --data coco:labels.json -o runs/round1
   curl -F file=@photo.jpg http://127.0.0.1:8000/api/v1/images"""
 
 
@@ -43,6 +49,9 @@ def register(subparsers) -> None:
                         help="folder of images the page can browse (nothing outside it is served)")
     parser.add_argument("--annotations", metavar="FILE", default=None,
                         help="COCO JSON file for accepted objects (created if missing, rewritten atomically)")
+    parser.add_argument("--models", metavar="DIR", default=None,
+                        help="folder of checkpoints (.pth, .pt, .safetensors; e.g. anyseg train's runs) the page "
+                             "can switch to without a restart")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get("ANYSEG_TOKEN"),
@@ -95,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         browser_decoder=not args.no_browser_decoder,
         decoder_dir=Path(args.decoder_dir) if args.decoder_dir else None,
         model_name=str(args.model),
+        models_dir=Path(args.models) if args.models else None,
     )
     if not _is_loopback(args.host) and settings.token is None:
         print(f"anyseg serve: warning: listening on {args.host} without --token: anyone who can reach this "

@@ -43,8 +43,11 @@ def add_annotation_routes(app, engine, store, auth: List) -> None:
         else:
             raise HTTPException(404, f"unknown image id {body.image_id!r}: encode the image first")
         mask = segmentation_to_mask(body.segmentation, size)
+        provenance = body.provenance.model_dump() if body.provenance is not None else {}
+        if provenance.get("stage") in ("assisted", "auto") and not provenance.get("model"):
+            provenance["model"] = engine.model_name  # made by the model the server runs now
         return store.add(image_id=body.image_id, file_name=body.file_name or name or body.image_id, size=size,
-                         label=body.label, mask=mask, score=body.score)
+                         label=body.label, mask=mask, score=body.score, provenance=provenance)
 
     @app.patch(f"{API}/annotations/{{ann_id}}", response_model=Annotation, tags=["annotations"], dependencies=auth,
                summary="change an object's label")

@@ -36,13 +36,13 @@ def add_image_routes(app, engine, settings, auth: List, image_info: Callable) ->
     @app.get(f"{API}/images/{{image_id}}", response_model=ImageInfo, tags=["images"], dependencies=auth,
              summary="sizes of an encoded image")
     def get_image(image_id: str):
-        return image_info(entry_or_404(image_id), True, False)
+        return image_info(engine.fresh(entry_or_404(image_id)), True, False)
 
     @app.get(f"{API}/images/{{image_id}}/embedding", tags=["images"], dependencies=auth,
              summary="the image embedding as raw little-endian float32 bytes (shape in X-Embedding-Shape)",
              responses={200: {"content": {"application/octet-stream": {}}}})
     def get_embedding(image_id: str):
-        entry = entry_or_404(image_id)
+        entry = engine.fresh(entry_or_404(image_id))  # of the model served now
         data = np.ascontiguousarray(entry.embedding, dtype="<f4").tobytes()
         shape = ",".join(str(s) for s in entry.embedding.shape)
         return Response(data, media_type="application/octet-stream",
@@ -79,15 +79,15 @@ def add_image_routes(app, engine, settings, auth: List, image_info: Callable) ->
         if body.mask_input is not None:
             mask_input = b64_to_float32(body.mask_input, (1, low_res_side, low_res_side), "mask_input")
         start = time.perf_counter()
-        masks, scores, low_res = engine.decode(entry, coords, labels, box, mask_input, body.multimask,
-                                               hq_token_only=body.hq_token_only)
+        masks, scores, low_res, model_name = engine.decode_named(entry, coords, labels, box, mask_input,
+                                                                 body.multimask, hq_token_only=body.hq_token_only)
         encoded = encode_masks(masks, body.format, polygon_tolerance=body.polygon_tolerance)
         elapsed = (time.perf_counter() - start) * 1000.0
         items = [DecodedMask(score=float(s), mask=m, **mask_record(mask)) for s, m, mask in zip(scores, encoded, masks)]
         h, w = entry.original_size
         return DecodeResponse(id=entry.id, width=w, height=h, format=body.format, masks=items,
                               low_res_logits=float32_to_b64(low_res) if body.return_logits else None,
-                              low_res_shape=list(low_res.shape), decode_ms=round(elapsed, 2))
+                              low_res_shape=list(low_res.shape), decode_ms=round(elapsed, 2), model=model_name)
 
     @app.post(f"{API}/images/{{image_id}}/everything", response_model=EverythingResponse, tags=["images"],
               dependencies=auth, summary="segment everything: a grid of point prompts, filtered and deduplicated")

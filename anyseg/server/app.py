@@ -113,13 +113,19 @@ def create_app(model, settings: Optional[ServerSettings] = None):
     from .page_decoder import DECODER_OPSET, DecoderExport
     from .contract import errors, install_contract
     from .files import IMAGE_MEDIA_TYPES, ImageFolder, OutsideFolderError, media_type
-    from .schemas import DecoderInfo, FileEncodeRequest, FileList, Health, ImageInfo, ModelInfo
+    from .schemas import DecoderInfo, FileEncodeRequest, FileList, Health, ImageInfo
 
     settings = settings or ServerSettings()
-    engine = Engine(model, EmbeddingCache(settings.cache_bytes), max_pixels=settings.max_pixels)
-    store = AnnotationStore(settings.annotations_path)
+    engine = Engine(model, EmbeddingCache(settings.cache_bytes), max_pixels=settings.max_pixels,
+                    model_name=settings.model_name)
+    store = AnnotationStore(settings.annotations_path, images_dir=settings.images_dir)
     folder = ImageFolder(settings.images_dir) if settings.images_dir is not None else None
-    decoder = DecoderExport(model, settings.decoder_dir, enabled=settings.browser_decoder)
+
+    def make_decoder(served) -> DecoderExport:
+        """The page's decoder graphs of model ``served`` (a new one on every model switch)."""
+        return DecoderExport(served, settings.decoder_dir, enabled=settings.browser_decoder)
+
+    decoder = make_decoder(model)
 
     app = FastAPI(
         title="anyseg", version=__version__,
@@ -170,22 +176,16 @@ def create_app(model, settings: Optional[ServerSettings] = None):
     # ------------------------------------------------------------------------------- server state
     @app.get(f"{API}/health", response_model=Health, tags=["server"], summary="liveness and cache state")
     def health():
-        return Health(status="ok", model=settings.model_name, device=str(model.device), cache=engine.cache.stats(),
-                      encodes=engine.encodes, decoder=decoder.status,
+        decoder = app.state.decoder
+        return Health(status="ok", model=engine.model_name, device=str(engine.model.device),
+                      cache=engine.cache.stats(), encodes=engine.encodes, decoder=decoder.status,
                       annotations_file=str(settings.annotations_path) if settings.annotations_path else None,
                       images_dir=folder is not None, auth=settings.token is not None)
-
-    @app.get(f"{API}/models", response_model=list[ModelInfo], tags=["server"], dependencies=auth,
-             summary="the model this server runs")
-    def models():
-        return [ModelInfo(name=settings.model_name, loaded=True, family=engine.family,
-                          encoder=type(model.image_encoder).__name__, img_size=model.img_size,
-                          embedding_shape=[int(v) for v in engine.embedding_shape],
-                          mask_threshold=float(model.mask_threshold))]
 
     @app.get(f"{API}/decoder", response_model=DecoderInfo, tags=["browser decoder"], dependencies=auth,
              summary="whether the page can decode prompts itself")
     def decoder_info():
+        decoder, model = app.state.decoder, engine.model  # both change together on a model switch
         runtime = STATIC_DIR / "ort" / "ort.wasm.min.mjs"
         return DecoderInfo(
             status=decoder.status, reason=decoder.reason, opset=DECODER_OPSET,
@@ -195,7 +195,9 @@ def create_app(model, settings: Optional[ServerSettings] = None):
             img_size=int(model.img_size), mask_side=int(engine.mask_input_size), **decoder.describe(model),
         )
 
-    def _graph_file(path, filename: str) -> FileResponse:
+    def _graph_file(which: str, filename: str) -> FileResponse:
+        decoder = app.state.decoder
+        path = getattr(decoder, which)
         if decoder.status != "ready" or path is None:
             raise HTTPException(404, f"the decoder graph is not available: {decoder.reason}")
         return FileResponse(path, media_type="application/octet-stream", filename=filename)
@@ -206,13 +208,13 @@ def create_app(model, settings: Optional[ServerSettings] = None):
     @app.get(f"{API}/decoder.onnx", tags=["browser decoder"], dependencies=auth,
              summary="the exported mask decoder graph (ONNX)", response_class=FileResponse, responses=onnx_file)
     def decoder_graph():
-        return _graph_file(decoder.path, "decoder.onnx")
+        return _graph_file("path", "decoder.onnx")
 
     @app.get(f"{API}/decoder-cache.onnx", tags=["browser decoder"], dependencies=auth,
              summary="the per-image graph whose outputs the decoder graph takes (ONNX)", response_class=FileResponse,
              responses=onnx_file)
     def decoder_cache_graph():
-        return _graph_file(decoder.cache_path, "decoder-cache.onnx")
+        return _graph_file("cache_path", "decoder-cache.onnx")
 
     # ------------------------------------------------------------------------------------- folder
     def _folder() -> ImageFolder:
@@ -265,6 +267,11 @@ def create_app(model, settings: Optional[ServerSettings] = None):
 
     add_image_routes(app, engine, settings, auth, image_info)
     add_annotation_routes(app, engine, store, auth)
+    from .api_loop import add_loop_routes
+    from .models import ModelCatalog
+
+    catalog = ModelCatalog(settings.model_name, model, settings.models_dir)
+    add_loop_routes(app, engine, store, catalog, auth, make_decoder)
     from .api_videos import add_video_routes
 
     add_video_routes(app, model, engine, settings, auth)

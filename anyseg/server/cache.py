@@ -36,6 +36,7 @@ class CacheEntry:
     name: a display name (upload file name or path relative to the served folder).
     state: the other float32 arrays the model family's decoder needs (empty for SAM 1; see
     :class:`anyseg.protocol.EncodedImage`).
+    model_key: which image encoder made the embedding (see :class:`anyseg.server.engine.Engine`).
     """
 
     id: str
@@ -45,6 +46,7 @@ class CacheEntry:
     input_size: Tuple[int, int]
     name: str = ""
     state: Tuple[np.ndarray, ...] = ()
+    model_key: str = ""
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:

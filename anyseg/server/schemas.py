@@ -35,12 +35,19 @@ class Health(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    loaded: bool
-    family: str = Field(..., description="model family: sam (SAM 1, MobileSAM) or sam2 (SAM 2 / 2.1)")
-    encoder: str
-    img_size: int
-    embedding_shape: List[int]
-    mask_threshold: float
+    loaded: bool = Field(..., description="whether this is the model the server runs now")
+    family: Optional[str] = Field(None, description="model family: sam (SAM 1, MobileSAM) or sam2 (SAM 2 / 2.1); "
+                                  "known for the loaded model")
+    encoder: Optional[str] = None
+    img_size: Optional[int] = None
+    embedding_shape: Optional[List[int]] = None
+    mask_threshold: Optional[float] = None
+
+
+class ModelSwitchRequest(_Strict):
+    name: str = Field(..., min_length=1, max_length=1000,
+                      description="a model listed by GET /api/v1/models (the served model or a checkpoint file "
+                                  "of --models, by its path relative to that folder)")
 
 
 class DecoderInfo(BaseModel):
@@ -111,6 +118,7 @@ class DecodeResponse(BaseModel):
     low_res_logits: Optional[str] = Field(None, description="base64 float32 k x 256 x 256, in the order of masks")
     low_res_shape: List[int]
     decode_ms: float
+    model: str = Field("", description="name of the model that decoded these masks")
 
 
 class EverythingRequest(_Strict):
@@ -142,12 +150,83 @@ class EverythingResponse(BaseModel):
     elapsed_ms: float
 
 
+class AutoLabelRequest(_Strict):
+    points_per_side: int = Field(16, ge=1, le=64, description="grid of point prompts per image side")
+    points_per_batch: int = Field(64, ge=1, le=1024)
+    pred_iou_thresh: float = Field(0.9, ge=0.0, le=1.0, description="keep masks whose predicted IoU is above this "
+                                   "(confident: higher than segment everything's default)")
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="keep masks at least this stable")
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    min_area: int = Field(0, ge=0, description="drop proposals smaller than this many pixels")
+    overlap_thresh: float = Field(0.5, ge=0.0, le=1.0, description="hide proposals whose area is covered by the "
+                                  "image's accepted objects at least this much (fraction of the proposal)")
+    format: MaskFormat = "coco_rle"
+    polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0)
+
+
+class Proposal(BaseModel):
+    area: int
+    bbox: List[float] = Field(..., description="XYWH")
+    predicted_iou: float
+    stability_score: float
+    point: List[float] = Field(..., description="the XY grid point that produced it")
+    mask: Any
+
+
+class AutoLabelResponse(BaseModel):
+    id: str
+    width: int
+    height: int
+    format: MaskFormat
+    model: str = Field(..., description="the model that proposed them (record it when accepting one)")
+    proposals: List[Proposal] = Field(..., description="confident masks not yet accepted, most confident first")
+    hidden: int = Field(..., description="proposals left out because accepted objects already cover them")
+    elapsed_ms: float
+
+
+class ProvenanceIn(_Strict):
+    stage: Literal["manual", "assisted", "auto"] = Field(
+        "manual", description="manual: drawn or given without the model; assisted: clicks decoded by the model; "
+                              "auto: an accepted auto-label proposal")
+    model: Optional[str] = Field(None, max_length=300, description="the model that made the mask (default for "
+                                 "assisted / auto: the model the server runs now)")
+    clicks: int = Field(0, ge=0, le=100_000, description="prompt clicks (and boxes) spent on the object")
+    seconds: Optional[float] = Field(None, ge=0.0, le=86_400.0, description="seconds spent on the object")
+
+
+class Provenance(BaseModel):
+    stage: str
+    model: Optional[str] = None
+    clicks: int = 0
+    seconds: Optional[float] = None
+    created: Optional[str] = None
+
+
+class StageStats(BaseModel):
+    objects: int
+    share: float = Field(..., description="fraction of all objects")
+    seconds_per_mask: Optional[float] = None
+    clicks_per_mask: Optional[float] = None
+
+
+class Stats(BaseModel):
+    images: int = Field(..., description="images with at least one object")
+    objects: int
+    masks_per_image: float
+    seconds_per_mask: Optional[float] = Field(None, description="mean over the objects that recorded their time")
+    clicks_per_mask: Optional[float] = None
+    stages: Dict[str, StageStats] = Field(..., description="manual, assisted, auto (and unknown: objects saved "
+                                          "without provenance, if any)")
+    models: Dict[str, int] = Field(..., description="objects per model that made them")
+
+
 class AnnotationCreate(_Strict):
     image_id: str = Field(..., description="id of an encoded image", min_length=1, max_length=128)
     label: str = Field(..., min_length=1, max_length=100)
     segmentation: Any = Field(..., description="uncompressed RLE, COCO RLE, or a list of polygons, original frame")
     score: Optional[float] = None
     file_name: Optional[str] = Field(None, max_length=4096, description="defaults to the image's name")
+    provenance: Optional[ProvenanceIn] = Field(None, description="how the object was made (default: manual)")
 
 
 class AnnotationUpdate(_Strict):
@@ -165,6 +244,7 @@ class Annotation(BaseModel):
     bbox: List[float]
     iscrowd: int
     score: Optional[float] = None
+    provenance: Optional[Provenance] = None
 
 
 class AnnotationList(BaseModel):

@@ -26,6 +26,8 @@ class ServerSettings:
         page can decode clicks itself; False keeps all decoding on the server.
     decoder_dir: where the exported decoder graphs are kept (default: ``$ANYSEG_HOME/onnx``).
     model_name: the name shown by ``/api/v1/models``.
+    models_dir: folder of checkpoints the server may switch to without a restart (``POST
+        /api/v1/models/switch``), e.g. the runs folder of ``anyseg train`` (None: only the served model).
     """
 
     images_dir: Optional[Path] = None
@@ -39,6 +41,7 @@ class ServerSettings:
     browser_decoder: bool = True
     decoder_dir: Optional[Path] = None
     model_name: str = "model"
+    models_dir: Optional[Path] = None
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_pixels", "cache_bytes", "max_points", "max_everything_points_per_side"):
@@ -57,3 +60,8 @@ class ServerSettings:
             if path.is_dir():
                 raise ValueError(f"annotations_path must be a file name, got the folder '{self.annotations_path}'")
             object.__setattr__(self, "annotations_path", path.resolve())
+        if self.models_dir is not None:
+            path = Path(self.models_dir).expanduser()
+            if not path.is_dir():
+                raise ValueError(f"models_dir must be an existing folder, got '{self.models_dir}'")
+            object.__setattr__(self, "models_dir", path.resolve())

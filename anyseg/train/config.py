@@ -163,7 +163,7 @@ IDENTITY_FIELDS = ("model", "arch", "img_size", "mode", "lora_rank", "lora_alpha
 
 HELP = {
     "data": "training data: 'synthetic[:count=N,seed=S,size=PX,objects=A-B,parts=1]', a COCO instances .json, "
-            "a folder with images/ + labels/ (instance label maps), or an SA-1B folder (jpg + json pairs)",
+            "coco:FILE (the annotation file of anyseg serve, images from its served folder), a folder with images/ + labels/ (instance label maps), or an SA-1B folder (jpg + json pairs)",
     "images": "image folder of a COCO .json (default: next to the JSON or its images/ subfolder)",
     "output": "run folder: last.pt (resumable state), log.csv, the exported model",
     "model": "checkpoint to start from (file or registered name)",

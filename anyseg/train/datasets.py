@@ -4,7 +4,8 @@ Every dataset yields :class:`Sample`: an ``H x W x 3`` uint8 RGB image (grayscal
 are converted by :func:`anyseg.imageio.load_image`) and ``N x H x W`` bool instance masks in the same
 original-image frame. Supported sources:
 
-- COCO instances JSON (polygons, uncompressed and compressed RLE), images in a folder;
+- COCO instances JSON (polygons, uncompressed and compressed RLE), images in a folder; ``coco:FILE``
+  reads the annotation file of ``anyseg serve`` (images from the folder the server served);
 - SA-1B: a folder of ``<name>.jpg`` images each with a ``<name>.json`` annotation file;
 - a folder of images with instance label-map PNGs (0 = background, every other value one instance);
 - the procedural synthetic dataset (:mod:`anyseg.train.synthetic`).
@@ -71,10 +72,13 @@ class CocoInstances:
         images: folder with the image files (default: the JSON's folder, or its ``images`` subfolder).
         include_crowd: keep ``iscrowd`` annotations (off: they cover groups, not instances).
         min_area: drop masks smaller than this many pixels.
+        skip_missing: leave out images whose file is not in the folder (an app's annotation file may
+            hold uploaded images that are not), instead of failing when one is read.
     Images without any kept annotation are skipped.
     """
 
-    def __init__(self, annotations, images=None, include_crowd: bool = False, min_area: int = 1) -> None:
+    def __init__(self, annotations, images=None, include_crowd: bool = False, min_area: int = 1,
+                 skip_missing: bool = False) -> None:
         path = Path(annotations)
         if not path.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -98,6 +102,10 @@ class CocoInstances:
             by_image.setdefault(ann["image_id"], []).append(ann)
         self.images = [img for img in data["images"] if img["id"] in by_image]
         self.annotations = by_image
+        self.missing: List[str] = []
+        if skip_missing:
+            self.missing = [img["file_name"] for img in self.images if not (self.root / img["file_name"]).is_file()]
+            self.images = [img for img in self.images if img["file_name"] not in self.missing]
 
     @property
     def key(self) -> str:
@@ -230,10 +238,38 @@ def _parse_synthetic(spec: str):
     return SyntheticDataset(**kwargs)
 
 
+def open_app_annotations(path, images=None) -> CocoInstances:
+    """The annotation file of ``anyseg serve --annotations FILE`` as a training set: the images are read
+    from ``images`` or else from the folder the server served (recorded in the file's ``info``); images
+    not in that folder (uploads) are left out, with a warning."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"coco: annotation file not found: {path}")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8")).get("info") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: expected the COCO JSON file written by anyseg serve ({exc})") from exc
+    if images is None:
+        images = info.get("anyseg_images_dir") if isinstance(info, dict) else None
+        if not images:
+            raise ValueError(f"{path} does not say which folder its images are in (it was written by a server "
+                             "without --images, or by another tool): give the folder with --images DIR")
+    if not Path(images).is_dir():
+        raise FileNotFoundError(f"coco: image folder not found: {images} (give the served folder with --images)")
+    dataset = CocoInstances(path, images=images, skip_missing=True)
+    if dataset.missing:
+        warnings.warn(f"{path}: {len(dataset.missing)} image(s) with objects are not in {images} and are left out "
+                      f"(uploaded to the server rather than served from the folder?): {dataset.missing[:5]}")
+    if not len(dataset):
+        raise ValueError(f"{path}: no image with objects is in the folder {images}")
+    return dataset
+
+
 def open_dataset(spec, images=None):
     """Open a dataset from a string.
 
     - ``synthetic`` or ``synthetic:count=200,seed=0,size=128,objects=2-5,parts=1``
+    - ``coco:FILE``: the annotation file of ``anyseg serve`` (images from the served folder, or ``images``)
     - a ``.json`` file: COCO instances (``images`` = the image folder, optional)
     - a folder with ``images/`` and ``labels/``: image + label-map pairs
     - a folder of ``*.jpg`` + ``*.json`` pairs: SA-1B
@@ -241,6 +277,10 @@ def open_dataset(spec, images=None):
     text = str(spec)
     if text == "synthetic" or text.startswith("synthetic:"):
         return _parse_synthetic(text)
+    if text.startswith("coco:"):
+        if not text[5:]:
+            raise ValueError("coco: needs the annotation file, e.g. coco:labels.json")
+        return open_app_annotations(text[5:], images)
     path = Path(text)
     if path.suffix.lower() == ".json":
         return CocoInstances(path, images=images)
