@@ -38,6 +38,10 @@ _EXPORTS = {
     "SAM2VideoPredictor": "video.predictor",
     "SAM2AutomaticMaskGenerator": "sam2_automatic",
     "make_predictor": "protocol",
+    "Sam3": "modeling.sam3",
+    "Sam3Config": "config_sam3",
+    "Sam3Processor": "sam3_processor",
+    "Sam3Result": "sam3_processor",
 }
 
 

@@ -249,14 +249,16 @@ def model_from_state_dict(sd: Mapping[str, torch.Tensor], *, config: Optional[Sa
 def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
                dtype: Optional[torch.dtype] = None, *, img_size: Optional[int] = None, speed=None,
                config=None, video: bool = False):
-    """Load a SAM or SAM 2 / 2.1 checkpoint, ready for inference (eval mode).
+    """Load a SAM, SAM 2 / 2.1 or SAM 3 checkpoint, ready for inference (eval mode).
 
     Args:
         path_or_name: a ``.pth`` / ``.pt`` / ``.safetensors`` file, or a registered name
             (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t``, ``sam2.1_hiera_t``, ...) resolved through the
             cache (see ``anyseg.hub``). SAM 2 checkpoints are recognised by their keys and loaded by
             :func:`anyseg.sam2_checkpoint.sam2_model_from_state_dict` (a ``.yaml`` beside the file with the
-            same stem completes a layout that is not one of the public ones).
+            same stem completes a layout that is not one of the public ones). SAM 3 checkpoints
+            (``detector.*`` keys) give the image detector (:mod:`anyseg.sam3_checkpoint`); their
+            ``tracker.*`` keys are set aside.
         config: SAM 1: a :class:`SamConfig` instead of the inferred one. SAM 2: a config file in the
             reference's YAML format, a public config name or a ``Sam2Config`` (checked against the keys).
         video: SAM 2 only: build with the video builder's settings (``Sam2Config.for_video()``).
@@ -281,6 +283,11 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
         if speed is not None:
             from .speed import apply, resolve
 
+            if getattr(family_model.config, "kind", None) == "sam3":
+                if speed not in ("faithful",):
+                    raise NotImplementedError("SAM 3 has no speed presets yet: it runs its reference "
+                                              "computation (speed=None or 'faithful')")
+                return family_model
             apply(family_model, resolve(speed, family_model.device))
         return family_model
     if video:
@@ -307,9 +314,17 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
 
 
 def _load_other_family(sd: StateDict, path: Path, *, config, video: bool, img_size: Optional[int]):
-    """The model of a state dict of another family than SAM 1 (SAM 2 / 2.1), or None for SAM 1."""
+    """The model of a state dict of another family than SAM 1 (SAM 2 / 2.1, SAM 3), or None for SAM 1."""
     from .sam2_checkpoint import is_sam2_state_dict, sam2_model_from_state_dict
+    from .sam3_checkpoint import is_sam3_state_dict, sam3_model_from_state_dict
 
+    if is_sam3_state_dict(sd):
+        if video or img_size is not None:
+            raise NotImplementedError(f"{path} is a SAM 3 checkpoint: its image detector loads at its own "
+                                      "size (img_size) and its video tracker is not supported yet (video=True)")
+        model = sam3_model_from_state_dict(sd, config=config, source=str(path))
+        model.checkpoint_dir = str(Path(path).parent)  # where the tokenizer also looks for its vocabulary
+        return model
     if not is_sam2_state_dict(sd):
         return None
     if img_size is not None:
