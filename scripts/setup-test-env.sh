@@ -13,8 +13,11 @@ PYTHON="${PYTHON:-python3}"
 warn() { echo "setup-test-env: warning: $*" >&2; }
 
 # --- Python packages (pip does nothing for requirements already met) ---------------------------------
-"$PYTHON" -m pip install -q -e ".[server,onnx,video,ray]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19" \
+"$PYTHON" -m pip install -q -e ".[server,onnx,video,ray,sam3]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19" \
   "schemathesis>=4.32,<5"
+# The CLIP BPE vocabulary for SAM 3's tokenizer ships in open_clip_torch; only that file is read, so the
+# package goes in without its dependencies (they would pull a CUDA torch and torchvision).
+"$PYTHON" -m pip install -q --no-deps "open_clip_torch==3.3.0"
 
 # --- Chromium from Debian -----------------------------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then
