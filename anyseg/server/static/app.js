@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const imageCanvas = $('image-canvas');
 const objectsCanvas = $('objects-canvas');
 const overlayCanvas = $('overlay-canvas');
+const proposalsCanvas = $('proposals-canvas');
 
 const emptyPrompt = () => ({ points: [], box: null });
 
@@ -18,7 +19,13 @@ const state = {
   history: [], // earlier {prompt, result}
   future: [],
   everything: null, // [{mask, score}]
-  objects: [], // [{id, label, mask, colour}]
+  objects: [], // [{id, label, mask, colour, provenance}]
+  // Auto-label proposals: their own layer, not objects until accepted. clock: when the annotator's time
+  // on the proposals last started (shown, or the previous accept / reject).
+  proposals: null, // {model, clock, items: [{key, mask, rle, score, area, colour, status}]} status: shown|hidden
+  effort: { start: null, clicks: 0 }, // the object being made by clicks: first click time, prompt count
+  modelName: '',
+  overlapThresh: 0.5,
   decoder: null,
   decodeSeq: 0,
   busy: 0,
@@ -65,7 +72,7 @@ async function busy(task, label) {
 
 // ------------------------------------------------------------------------------------ drawing
 function sizeCanvases(w, h) {
-  for (const c of [imageCanvas, objectsCanvas, overlayCanvas]) {
+  for (const c of [imageCanvas, objectsCanvas, proposalsCanvas, overlayCanvas]) {
     c.width = w;
     c.height = h;
   }
@@ -90,6 +97,19 @@ function drawObjects() {
   const img = ctx.createImageData(state.image.width, state.image.height);
   paintMasks(img, state.objects.map((o) => ({ mask: o.mask, rgb: o.colour, alpha: 0.45 })));
   ctx.putImageData(img, 0, 0);
+}
+
+function shownProposals() {
+  return state.proposals ? state.proposals.items.filter((p) => p.status === 'shown') : [];
+}
+
+// Proposals are drawn lighter than accepted objects, in yellow-to-orange tints, each outlined by its
+// own colour in the list; a highlighted one (hovered in the list) is drawn stronger.
+function drawProposals() {
+  if (!state.image) return;
+  const ctx = proposalsCanvas.getContext('2d');
+  const layers = shownProposals().map((p) => ({ mask: p.mask, rgb: p.colour, alpha: p.highlight ? 0.6 : 0.3 }));
+  ctx.putImageData(paintMasks(ctx.createImageData(state.image.width, state.image.height), layers), 0, 0);
 }
 
 function drawOverlay(dragBox = null) {
@@ -132,6 +152,10 @@ function updateControls() {
   $('cycle').disabled = !res || res.candidates.length < 2;
   $('accept').disabled = !res;
   $('everything').disabled = !state.image;
+  $('auto-label').disabled = !state.image;
+  const shown = shownProposals().length;
+  $('accept-all-proposals').disabled = !shown;
+  $('reject-all-proposals').disabled = !shown;
   $('backend').textContent = state.decoder ? `decoder: ${state.decoder.name}` : '';
 }
 
@@ -152,6 +176,8 @@ async function changePrompt(mutate) {
   state.future = [];
   state.everything = null;
   const previous = state.result;
+  if (state.effort.start === null) state.effort.start = performance.now();
+  state.effort.clicks++;
   mutate(state.prompt);
   drawOverlay();
   // Refinement: the chosen candidate's low-res logits go back in with the new prompt.
@@ -296,6 +322,9 @@ async function openImage(encode, blobOf) {
     state.history = [];
     state.future = [];
     state.everything = null;
+    state.proposals = null;
+    state.effort = { start: null, clicks: 0 };
+    renderProposals();
     sizeCanvases(info.width, info.height);
     imageCanvas.getContext('2d').drawImage(bitmap, 0, 0);
     $('drop-hint').hidden = true;
@@ -356,7 +385,18 @@ async function loadFolder() {
 // ------------------------------------------------------------------------------------ objects
 function addObject(ann) {
   const mask = cocoRleToMask(ann.segmentation);
-  state.objects.push({ id: ann.id, label: ann.label, mask, colour: colour(ann.id) });
+  state.objects.push({ id: ann.id, label: ann.label, mask, colour: colour(ann.id), provenance: ann.provenance || null });
+}
+
+const STAGE_NAMES = { manual: 'manual', assisted: 'clicks', auto: 'auto-accepted' };
+
+function describeProvenance(p) {
+  if (!p) return 'no provenance';
+  const parts = [STAGE_NAMES[p.stage] || p.stage];
+  if (p.stage !== 'auto' || p.clicks) parts.push(`${p.clicks} click${p.clicks === 1 ? '' : 's'}`);
+  if (p.seconds !== null && p.seconds !== undefined) parts.push(`${p.seconds.toFixed(1)} s`);
+  if (p.model) parts.push(p.model);
+  return parts.join(' · ');
 }
 
 async function loadObjects() {
@@ -365,6 +405,7 @@ async function loadObjects() {
   annotations.forEach(addObject);
   renderObjectList();
   drawObjects();
+  await loadStats();
 }
 
 function renderObjectList() {
@@ -375,6 +416,11 @@ function renderObjectList() {
     swatch.style.background = `rgb(${o.colour.join(',')})`;
     const name = document.createElement('span');
     name.textContent = `${o.label} (${maskArea(o.mask)} px)`;
+    const prov = document.createElement('span');
+    prov.className = 'provenance';
+    prov.textContent = describeProvenance(o.provenance);
+    if (o.provenance) li.dataset.stage = o.provenance.stage;
+    name.append(prov);
     const remove = document.createElement('button');
     remove.textContent = '×';
     remove.title = 'delete this object';
@@ -383,6 +429,8 @@ function renderObjectList() {
       state.objects = state.objects.filter((x) => x.id !== o.id);
       renderObjectList();
       drawObjects();
+      updateProposals();
+      await loadStats();
     }));
     li.append(swatch, name, remove);
     return li;
@@ -395,9 +443,12 @@ async function acceptObject() {
   const { width: w, height: h, id } = state.image;
   const candidate = state.result.candidates[state.result.index];
   const label = $('label-input').value.trim() || 'object';
+  const { start, clicks } = state.effort;
+  const seconds = start === null ? null : (performance.now() - start) / 1000;
   await busy(async () => {
     const ann = await postJson('annotations', {
       image_id: id, label, score: candidate.score, segmentation: maskToRle(candidate.mask, h, w),
+      provenance: { stage: 'assisted', model: state.modelName || null, clicks, seconds },
     });
     addObject(ann);
     renderObjectList();
@@ -406,7 +457,10 @@ async function acceptObject() {
     state.result = null;
     state.history = [];
     state.future = [];
+    state.effort = { start: null, clicks: 0 };
     drawOverlay();
+    updateProposals();
+    await loadStats();
     setStatus(`saved "${label}"`);
   }, 'saving...');
 }
@@ -436,6 +490,195 @@ async function segmentEverything() {
   }, 'segmenting everything...');
 }
 
+// ------------------------------------------------------------------------ auto-label proposals
+async function autoLabel() {
+  if (!state.image) return;
+  const number = (id, fallback) => (Number.isFinite(parseFloat($(id).value)) ? parseFloat($(id).value) : fallback);
+  const body = {
+    points_per_side: Math.round(number('everything-points', 16)),
+    pred_iou_thresh: number('auto-iou', 0.9),
+    stability_score_thresh: number('auto-stability', 0.95),
+    overlap_thresh: state.overlapThresh,
+    format: 'coco_rle',
+  };
+  const image = state.image;
+  await busy(async () => {
+    const result = await postJson(`images/${image.id}/auto-label`, body);
+    if (image !== state.image) return;
+    state.proposals = {
+      model: result.model,
+      clock: performance.now(),
+      items: result.proposals.map((p, i) => ({
+        key: i, mask: cocoRleToMask(p.mask), rle: p.mask, score: p.predicted_iou, area: p.area,
+        colour: [250, 204 - ((i * 37) % 120), 21 + ((i * 53) % 90)], status: 'shown',
+      })),
+    };
+    updateProposals();
+    const hidden = result.hidden ? `, ${result.hidden} already covered` : '';
+    setStatus(`${result.proposals.length} proposals from ${result.model} in ${(result.elapsed_ms / 1000).toFixed(1)} s${hidden}`);
+  }, 'auto-labelling...');
+}
+
+// Hide proposals that accepted objects now cover (as the server does when it proposes).
+function updateProposals() {
+  if (state.proposals && state.image) {
+    const n = state.image.width * state.image.height;
+    const covered = new Uint8Array(n);
+    for (const o of state.objects) for (let i = 0; i < n; i++) if (o.mask[i]) covered[i] = 1;
+    for (const p of state.proposals.items) {
+      if (p.status !== 'shown') continue;
+      let inside = 0;
+      for (let i = 0; i < n; i++) if (p.mask[i] && covered[i]) inside++;
+      if (p.area && inside / p.area >= state.overlapThresh) p.status = 'hidden';
+    }
+  }
+  renderProposals();
+}
+
+function renderProposals() {
+  const shown = shownProposals();
+  $('proposals-panel').hidden = !state.proposals;
+  $('proposal-count').textContent = String(shown.length);
+  $('proposal-list').replaceChildren(...shown.map((p) => {
+    const li = document.createElement('li');
+    li.dataset.key = String(p.key);
+    const swatch = document.createElement('span');
+    swatch.className = 'swatch';
+    swatch.style.background = `rgb(${p.colour.join(',')})`;
+    const text = document.createElement('span');
+    text.textContent = `${p.score.toFixed(3)} · ${p.area} px`;
+    const yes = document.createElement('button');
+    yes.className = 'accept-proposal';
+    yes.textContent = '✓';
+    yes.title = 'accept this proposal as an object';
+    yes.addEventListener('click', () => acceptProposals([p]));
+    const no = document.createElement('button');
+    no.className = 'reject-proposal';
+    no.textContent = '×';
+    no.title = 'reject this proposal';
+    no.addEventListener('click', () => rejectProposals([p]));
+    li.addEventListener('mouseenter', () => { p.highlight = true; li.classList.add('highlight'); drawProposals(); });
+    li.addEventListener('mouseleave', () => { p.highlight = false; li.classList.remove('highlight'); drawProposals(); });
+    li.append(swatch, text, yes, no);
+    return li;
+  }));
+  drawProposals();
+  updateControls();
+}
+
+// The annotator's time since the proposals were shown (or the last decision on one), shared out over
+// the proposals decided now.
+function proposalSeconds(count) {
+  const now = performance.now();
+  const seconds = (now - state.proposals.clock) / 1000 / Math.max(1, count);
+  state.proposals.clock = now;
+  return seconds;
+}
+
+async function acceptProposals(items) {
+  if (!state.image || !state.proposals || !items.length) return;
+  const { id } = state.image;
+  const label = $('label-input').value.trim() || 'object';
+  const seconds = proposalSeconds(items.length);
+  const model = state.proposals.model;
+  await busy(async () => {
+    for (const p of items) {
+      if (p.status !== 'shown') continue; // hidden by an earlier one of this batch
+      const ann = await postJson('annotations', {
+        image_id: id, label, score: p.score, segmentation: p.rle,
+        provenance: { stage: 'auto', model, clicks: 0, seconds },
+      });
+      p.status = 'accepted';
+      addObject(ann);
+      updateProposals();
+    }
+    renderObjectList();
+    drawObjects();
+    await loadStats();
+    setStatus(`accepted ${items.length} proposal${items.length === 1 ? '' : 's'} as "${label}"`);
+  }, 'saving...');
+}
+
+function rejectProposals(items) {
+  if (!state.proposals) return;
+  proposalSeconds(items.length); // the time spent deciding is not charged to the next accepted one
+  for (const p of items) p.status = 'rejected';
+  renderProposals();
+  setStatus(`rejected ${items.length} proposal${items.length === 1 ? '' : 's'}`);
+}
+
+// ------------------------------------------------------------------------------------ stats
+async function loadStats() {
+  const stats = await getJson('stats');
+  const here = state.image ? state.objects.length : 0;
+  const fmt = (v, digits = 1) => (v === null || v === undefined ? '–' : Number(v).toFixed(digits));
+  const rows = [
+    ['objects here', String(here)],
+    ['objects', String(stats.objects)],
+    ['images', String(stats.images)],
+    ['masks / image', fmt(stats.masks_per_image)],
+    ['s / mask', fmt(stats.seconds_per_mask)],
+    ['clicks / mask', fmt(stats.clicks_per_mask)],
+  ];
+  for (const [stage, s] of Object.entries(stats.stages)) {
+    if (s.objects || stage !== 'unknown') rows.push([STAGE_NAMES[stage] || stage, `${s.objects} · ${(100 * s.share).toFixed(0)}%`]);
+  }
+  const panel = $('stats-panel');
+  panel.replaceChildren(...rows.flatMap(([k, v]) => {
+    const dt = document.createElement('dt');
+    dt.textContent = k;
+    const dd = document.createElement('dd');
+    dd.textContent = v;
+    dd.dataset.stat = k;
+    return [dt, dd];
+  }));
+  window.anyseg.stats = stats;
+}
+
+// ----------------------------------------------------------------------------------- models
+async function loadModels() {
+  const models = await getJson('models');
+  const select = $('model-select');
+  select.replaceChildren(...models.map((m) => {
+    const option = document.createElement('option');
+    option.value = m.name;
+    option.textContent = m.name;
+    option.selected = m.loaded;
+    return option;
+  }));
+  const loaded = models.find((m) => m.loaded);
+  state.modelName = loaded ? loaded.name : '';
+}
+
+async function switchModel(name) {
+  if (!name || name === state.modelName) return;
+  await busy(async () => {
+    const info = await postJson('models/switch', { name });
+    state.modelName = info.name;
+    // The page's decoder follows: the new model's graphs once exported, the server until then.
+    state.decoder = await chooseDecoder(upgradeDecoder, log);
+    if (state.image && state.decoder.prepare) await state.decoder.prepare(state.image);
+    await loadModels();
+    updateControls();
+    setStatus(`now using model ${info.name}`);
+  }, `switching to ${name}...`);
+  if (state.modelName !== name) $('model-select').value = state.modelName; // the switch failed
+}
+
+function upgradeDecoder(better) {
+  if (better.name !== state.decoder.name) {
+    state.decoder = better;
+    log(`switched to the ${better.name} decoder`);
+    updateControls();
+  }
+}
+
+$('model-select').addEventListener('focus', () => loadModels().catch(() => {}));
+$('model-select').addEventListener('change', (e) => switchModel(e.target.value));
+$('auto-label').addEventListener('click', autoLabel);
+$('accept-all-proposals').addEventListener('click', () => acceptProposals(shownProposals()));
+$('reject-all-proposals').addEventListener('click', () => rejectProposals(shownProposals()));
+
 // ------------------------------------------------------------------------------------- wiring
 $('undo').addEventListener('click', undo);
 $('redo').addEventListener('click', redo);
@@ -456,14 +699,10 @@ $('export-polygons').addEventListener('click', () => busy(
 
 async function start() {
   await busy(async () => {
-    state.decoder = await chooseDecoder((better) => {
-      if (better.name !== state.decoder.name) {
-        state.decoder = better;
-        log(`switched to the ${better.name} decoder`);
-        updateControls();
-      }
-    }, log);
+    state.decoder = await chooseDecoder(upgradeDecoder, log);
+    await loadModels();
     await loadFolder();
+    await loadStats();
   });
   updateControls();
   document.body.dataset.ready = 'true';
