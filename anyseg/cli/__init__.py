@@ -12,7 +12,8 @@ import sys
 from typing import List, Optional
 
 #: Subcommand modules, in the order ``anyseg --help`` lists them.
-_SUBCOMMANDS = ("segment", "auto", "track", "export", "serve", "bench", "train", "eval")
+_SUBCOMMANDS = ("segment", "auto", "track", "export", "serve", "bench", "train", "eval", "personalize", "remove",
+                "segment_volume")
 
 
 def _subcommand_modules():
