@@ -13,11 +13,14 @@ PYTHON="${PYTHON:-python3}"
 warn() { echo "setup-test-env: warning: $*" >&2; }
 
 # --- Python packages (pip does nothing for requirements already met) ---------------------------------
-"$PYTHON" -m pip install -q -e ".[server,onnx,video,ray,sam3]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19" \
+"$PYTHON" -m pip install -q -e ".[server,onnx,video,ray,sam3,text,inpaint,medical]" "httpx>=0.24" "playwright>=1.40" "scikit-image>=0.19" \
   "schemathesis>=4.32,<5"
 # The CLIP BPE vocabulary for SAM 3's tokenizer ships in open_clip_torch; only that file is read, so the
 # package goes in without its dependencies (they would pull a CUDA torch and torchvision).
 "$PYTHON" -m pip install -q --no-deps "open_clip_torch==3.3.0"
+# The text extra's transformers does not depend on torch, so the pinned CPU torch stays; checked here.
+"$PYTHON" -c "import sys, torch; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" \
+  || warn "torch is no longer 2.13.0 after installing the extras; reinstall it with make install-test"
 
 # --- Chromium from Debian -----------------------------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then
