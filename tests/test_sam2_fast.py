@@ -373,15 +373,39 @@ def test_bench_sam2_rows_on_a_checkpoint():
     from anyseg.fast.benchmark import run_benchmark
 
     out = run_benchmark(tasks=["sam2_encode", "sam2_click"], quick=True, devices=["cpu"], repeats=1,
-                        sam2_model_spec=str(_require(SAM2) / "sam2.1_golden.pt"), only_configs=["faithful", "lossless"],
-                        log=lambda s: None)
+                        sam2_model_spec=str(_require(SAM2) / "sam2.1_golden.pt"),
+                        only_configs=["faithful", "reference", "lossless"], log=lambda s: None)
     result = out["results"][0]
     rows = result["rows"]
-    assert [(r["task"], r["config"]) for r in rows] == [("sam2_encode", "faithful"), ("sam2_encode", "lossless"),
-                                                        ("sam2_click", "faithful"), ("sam2_click", "lossless")]
+    assert [(r["task"], r["config"]) for r in rows] == [
+        (task, config) for task in ("sam2_encode", "sam2_click") for config in ("faithful", "reference", "lossless")]
     assert all(r["wall"] > 0 and r["model"] == "sam2.1_golden" for r in rows)
+    # Speed-ups are against what the reference code computes (SDPA attention), not anyseg's faithful path.
+    assert all(r["speedup_base"] == "reference" for r in rows)
+    for r in rows:
+        base = next(b for b in rows if b["task"] == r["task"] and b["config"] == "reference")
+        assert r["speedup"] == pytest.approx(base["wall"] / r["wall"])
+    assert "scaled_dot_product_attention" in next(r for r in rows if r["config"] == "reference")["describe"]
     assert "AVX512-BF16" in result["markdown"] and "sam2_click [sam2.1_golden]" in result["markdown"]
     assert not result["meta"]["failures"]
+
+
+def test_bench_reference_configuration_fuses_every_attention(model):
+    """The bench's ``reference`` state runs the faithful modules with every attention fused, as the
+    reference code does; switching back to ``faithful`` restores the explicit softmax."""
+    from anyseg.fast.benchmark import SAM2_REFERENCE, _SpeedStates, sam2_speed_configs
+
+    configs = {k: v for k, v in sam2_speed_configs(torch.device("cpu")).items() if k in ("faithful", SAM2_REFERENCE)}
+    states = _SpeedStates(model, configs, fused=(SAM2_REFERENCE,))
+    flagged = [m for m in model.modules() if hasattr(m, "fused")]
+    assert len(flagged) >= len(model.image_encoder.trunk.blocks)
+    try:
+        states.use(SAM2_REFERENCE)
+        assert all(m.fused for m in flagged) and getattr(model, "speed_runtime", None) is None
+        states.use("faithful")
+        assert not any(m.fused for m in flagged)
+    finally:
+        states.close()
 
 
 def test_bench_cli_checks_sam2_model_arguments():
