@@ -74,6 +74,8 @@ class CheckpointInfo:
         sha256_prefix: Leading hex digits of the sha256, used only when ``sha256`` is ``None``.
         hf_id: The Hugging Face hub repository holding the same file (``facebook/sam2.1-hiera-tiny``).
         config_name: The reference's config for the file (SAM 2: ``configs/sam2.1/sam2.1_hiera_t.yaml``).
+        hf_only: The file is only published on the (gated) Hugging Face repository ``hf_id``: it is fetched
+            with ``huggingface_hub`` (which uses the user's access token), never by a plain download.
     """
 
     name: str
@@ -85,6 +87,7 @@ class CheckpointInfo:
     sha256_prefix: str | None = None
     hf_id: str | None = None
     config_name: str | None = None
+    hf_only: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("sha256", "sha256_prefix"):
@@ -172,6 +175,12 @@ _BUILTIN += tuple(
                    description=f"HQ-SAM {encoder}: SAM with the high-quality output token")
     for size, stem, encoder in _HQ
 )
+
+# SAM 3 (spec/sam3.md section 0): one file, on a gated Hugging Face repository (access is granted per
+# account), so it is fetched through huggingface_hub with the user's token; no checksum is published.
+_BUILTIN += (CheckpointInfo(name="sam3", filename="sam3.pt", url="https://huggingface.co/facebook/sam3/resolve/main/sam3.pt",
+                            description="SAM 3 (concept prompts: a phrase or exemplar boxes -> every instance)",
+                            hf_id="facebook/sam3", hf_only=True),)
 
 _REGISTRY: dict[str, CheckpointInfo] = {info.name: info for info in _BUILTIN}
 _ALIASES: dict[str, str] = {
@@ -311,9 +320,13 @@ def resolve_hf_id(hub_id: str, *, download: bool = True) -> Path:
     if dest.is_file():
         _verify_cached(dest, info)
         return dest
-    by_hand = (f"download {info.filename} from https://huggingface.co/{info.hf_id} (or {info.url}) and save it "
-               f"as {dest}, or load it by its anyseg name {info.name!r}, which downloads it without "
-               "huggingface_hub")
+    if info.hf_only:
+        by_hand = (f"download {info.filename} from https://huggingface.co/{info.hf_id} (a gated repository: "
+                   f"request access there first) and save it as {dest}")
+    else:
+        by_hand = (f"download {info.filename} from https://huggingface.co/{info.hf_id} (or {info.url}) and "
+                   f"save it as {dest}, or load it by its anyseg name {info.name!r}, which downloads it "
+                   "without huggingface_hub")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:
@@ -394,6 +407,9 @@ def resolve_checkpoint(
     path = Path(text)
     if text and path.is_file():
         return path
+    hf_info = next((i for i in _REGISTRY.values() if i.hf_id and i.hf_id.lower() == text.strip().lower()), None)
+    if hf_info is not None and hf_info.hf_only:
+        return resolve_hf_id(text, download=download)
     if _looks_like_path(text):
         expanded = path.expanduser()
         if expanded.is_file():
@@ -410,6 +426,8 @@ def resolve_checkpoint(
     if dest.is_file():
         _verify_cached(dest, info)
         return dest
+    if info.hf_only:
+        return resolve_hf_id(info.hf_id, download=download)
 
     if not download or _offline():
         reason = "ANYSEG_OFFLINE is set" if _offline() else "download=False was given"

@@ -178,3 +178,24 @@ def test_vocabulary_found_from_installed_package():
     from anyseg.sam3_tokenizer import VOCAB_FILE, find_vocab
 
     assert find_vocab().name == VOCAB_FILE
+
+
+def test_registry_name_and_hub_id(tmp_path, monkeypatch):
+    import anyseg
+    from anyseg import hub
+    from anyseg.modeling.sam3 import Sam3
+
+    monkeypatch.setenv("ANYSEG_HOME", str(tmp_path))
+    monkeypatch.setenv("ANYSEG_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    info = hub.get_checkpoint_info("sam3")
+    assert (info.filename, info.hf_id, info.hf_only) == ("sam3.pt", "facebook/sam3", True)
+    for name in ("sam3", "facebook/sam3"):
+        with pytest.raises((FileNotFoundError, ImportError), match=r"checkpoints/sam3\.pt"):
+            hub.resolve_checkpoint(name)
+    dest = tmp_path / "checkpoints" / "sam3.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.symlink_to(_require(SAM3) / "sam3_checkpoint.pt")
+    assert hub.resolve_checkpoint("facebook/sam3") == dest
+    assert isinstance(anyseg.load_model("sam3"), Sam3)
