@@ -284,10 +284,7 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
             from .speed import apply, resolve
 
             if getattr(family_model.config, "kind", None) == "sam3":
-                if speed not in ("faithful",):
-                    raise NotImplementedError("SAM 3 has no speed presets yet: it runs its reference "
-                                              "computation (speed=None or 'faithful')")
-                return family_model
+                return family_model  # no presets yet: SAM 3 runs its reference (fused-attention) computation
             apply(family_model, resolve(speed, family_model.device))
         return family_model
     if video:

@@ -24,6 +24,7 @@ import torch
 from .geometry import boxes_to_model, coords_to_model
 from .modeling.sam import Sam
 from .modeling.sam2 import Sam2, Sam2Features
+from .modeling.sam3 import Sam3
 from .predictor import SamPredictor
 from .prompts import check_boxes, check_mask_input, check_points
 from .sam2_predictor import SAM2ImagePredictor
@@ -131,7 +132,7 @@ class ImagePredictor(Protocol):
 
 # ------------------------------------------------------------------------------------- dispatch
 def model_family(model) -> str:
-    """``"sam"`` or ``"sam2"``: the family of a loaded model (the one place that tells them apart)."""
+    """``"sam"``, ``"sam2"`` or ``"sam3"``: the family of a loaded model (the one place that tells them apart)."""
     for cls, family in _FAMILIES:
         if isinstance(model, cls):
             return family
@@ -144,7 +145,11 @@ def make_predictor(model, **family_options) -> ImagePredictor:
     :class:`Sam2SurfacePredictor`, which add the protocol's methods). ``family_options`` go to that
     family's constructor (SAM 2: ``mask_threshold``, ``max_hole_area``, ``max_sprinkle_area``; SAM 1 has
     none)."""
-    return _ADAPTERS[model_family(model)](model, **family_options)
+    family = model_family(model)
+    if family not in _ADAPTERS:
+        raise UnsupportedByModel(f"{family} models have no point / box predictor in anyseg yet; for SAM 3 "
+                                 "use concept prompts (anyseg.Sam3Processor, or --text / --box-exemplar)")
+    return _ADAPTERS[family](model, **family_options)
 
 
 def apply_speed(model, speed, *, keep_freed_memory: bool = True) -> None:
@@ -409,7 +414,12 @@ class Sam2SurfacePredictor(SAM2ImagePredictor):
 
 #: Each family's model class, name for people, predictor class and fast paths: the only tables a new
 #: family is added to.
-_FAMILIES: Tuple[Tuple[type, str], ...] = ((Sam, "sam"), (Sam2, "sam2"))
+def _sam3_speed(model, speed, keep_freed_memory: bool) -> None:
+    """SAM 3 has no speed presets yet: its attention already runs fused (as the reference's does), and
+    every preset leaves it on that computation."""
+
+
+_FAMILIES: Tuple[Tuple[type, str], ...] = ((Sam, "sam"), (Sam2, "sam2"), (Sam3, "sam3"))
 FAMILY_NAMES: Dict[str, str] = {"sam": "SAM 1", "sam2": "SAM 2"}
 _ADAPTERS: Dict[str, Any] = {"sam": SamSurfacePredictor, "sam2": Sam2SurfacePredictor}
-_SPEED: Dict[str, Any] = {"sam": _sam_speed, "sam2": _sam_speed}
+_SPEED: Dict[str, Any] = {"sam": _sam_speed, "sam2": _sam_speed, "sam3": _sam3_speed}

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .common import add_model_arguments, box_arg, load_model_from_args, point_arg
+from .sam3_text import add_sam3_arguments
 from .text_prompt import add_text_arguments
 
 DESCRIPTION = """\
@@ -23,7 +24,8 @@ examples:
   anyseg segment photo.jpg --point 420,310 --point 380,120,0 --multimask -o out/
   anyseg segment photo.jpg --box 100,80,620,540 --model sam_vit_b_01ec64.pth -o out/
   anyseg segment photo.jpg --point 420,310 --model sam2.1_hiera_tiny.pt -o out/
-  anyseg segment photo.jpg --text "dog. red cup." --model vit_b -o out/"""
+  anyseg segment photo.jpg --text "dog. red cup." --model vit_b -o out/
+  anyseg segment photo.jpg --text "green vegetables" --model sam3 -o out/"""
 
 
 def register(subparsers) -> None:
@@ -43,6 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (created)")
     add_model_arguments(parser)
     add_text_arguments(parser)
+    add_sam3_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -55,10 +58,17 @@ def run(args: argparse.Namespace) -> int:
     from ..protocol import make_predictor
     from ..visualize import overlay_masks
 
-    if args.text is not None:
+    if args.text is not None or args.box_exemplar:
+        from .sam3_text import is_sam3, run_sam3_segment
+
+        model = load_model_from_args(args)
+        if is_sam3(model):  # SAM 3 reads the phrase itself (concept prompts)
+            return run_sam3_segment(args, model)
+        if args.box_exemplar:
+            raise ValueError("--box-exemplar needs a SAM 3 model (--model sam3)")
         from .text_prompt import run_text
 
-        return run_text(args)
+        return run_text(args, model=model)
     if not args.point and args.box is None:
         raise ValueError("give at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or --text PHRASES")
     image = load_image(args.image)

@@ -29,8 +29,8 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
                        help="segment at most N detections (most confident first)")
 
 
-def run_text(args: argparse.Namespace) -> int:
-    """The segment command with ``--text``."""
+def run_text(args: argparse.Namespace, model=None) -> int:
+    """The segment command with ``--text`` (``model``: the already loaded ``--model``, if any)."""
     from ..beyond.text import GroundingDinoSource, segment_text, write_text_outputs
     from ..imageio import load_image
     from ..protocol import make_predictor
@@ -41,7 +41,7 @@ def run_text(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     source = GroundingDinoSource(args.detector, box_threshold=args.box_threshold,
                                  text_threshold=args.text_threshold, device=getattr(args, "device", None))
-    model = load_model_from_args(args)
+    model = model if model is not None else load_model_from_args(args)
     predictor = make_predictor(model)
     hq = {"hq_token_only": True} if args.hq_token_only else {}
     if hq and not getattr(model, "is_hq", False):
