@@ -297,7 +297,10 @@ def _run_pipeline(args, outdir: Path, todo, failed: List[str], tqdm) -> tuple:
         # Small blocks: a block is the unit that is retried when its actor dies (retried images are rewritten whole).
         blocks = min(len(rows), max(16 * workers, min(len(rows) // 8, 20_000)))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        ds = ds.map(decode, num_cpus=0.25)
+        # Decoding is light next to the model: a quarter CPU per task where the actors leave that much
+        # free, else none (a cluster whose CPUs all go to actors would otherwise never decode anything).
+        free = ray.cluster_resources().get("CPU", 0) - workers * args.cpus_per_worker
+        ds = ds.map(decode, num_cpus=0.25 if free >= 0.25 else 0)
         remote: Dict[str, Any] = {"max_restarts": args.max_restarts, "max_task_retries": args.max_task_retries}
         if args.gpus_per_worker > 0:
             remote["num_gpus"] = args.gpus_per_worker

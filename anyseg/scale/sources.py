@@ -76,11 +76,13 @@ def _plan_uris(uris: Sequence[str]) -> List[Source]:
 
     found: Dict[str, Tuple[str, str, Dict[str, int]]] = {}  # uri -> (root prefix, key, stamp)
     for uri in uris:
-        fs, path = filesystem(uri)
-        scheme_prefix = uri[: len(uri) - len(path)] if uri.endswith(path) else None
-        parts = path.split("/")
+        scheme, _, rest = uri.partition("://")
+        parts = rest.split("/")
         glob_at = next((i for i, part in enumerate(parts) if _GLOB & set(part)), None)
-        base = "/".join(parts[:glob_at]) if glob_at is not None else path
+        base_uri = f"{scheme}://{'/'.join(parts[:glob_at])}" if glob_at is not None else uri
+        fs, base = filesystem(base_uri)  # URI parsers reject glob characters: resolve the part before them
+        path = base.rstrip("/") + "/" + "/".join(parts[glob_at:]) if glob_at is not None else base
+        scheme_prefix = base_uri[: len(base_uri) - len(base)] if base and base_uri.endswith(base) else None
         info = fs.get_file_info(base)
         if info.type == pafs.FileType.File and glob_at is None:
             infos, root = [info], posixpath.dirname(base)
