@@ -21,8 +21,9 @@ Graph outputs
 ``iou_predictions``   ``1 x k``  predicted IoU (or stability score, see ``use_stability_score``).
 ``low_res_masks``     ``1 x k x 256 x 256``  logits to feed back as ``mask_input``.
 
-``k`` is 4 (the single-mask output 0 followed by the three multimask outputs 1..3), or 1 with
-``return_single_mask``.
+``k`` is 4 (the single-mask output 0 followed by the three multimask outputs 1..3), 1 with
+``return_single_mask``, or 3 with ``multimask_only`` (outputs 1..3 only: the single-mask token is
+not decoded, which is all the labelling app shows).
 
 With ``upscale_masks=False`` the graph stops at the low-res logits: its outputs are
 ``iou_predictions`` and ``low_res_masks`` only and it takes no ``orig_im_size``. The caller upscales
@@ -111,14 +112,19 @@ class SamOnnxDecoder(nn.Module):
             (``benchmarks/bench_browser.py`` times both graphs).
         image_cache: (with ``fast``) take the image as the per-image tensors of
             :class:`SamOnnxDecoderCache` (``CACHE_OUTPUTS``) instead of ``image_embeddings``.
+        multimask_only: (with ``fast``) return the three multimask outputs only (``k = 3``): the
+            single-mask token skips the final attention, its hypernetwork and the mask product.
     """
 
     def __init__(self, model, *, return_single_mask: bool = False, use_stability_score: bool = False,
                  gelu_approximate: bool = False, stability_score_offset: float = 1.0, fast: bool = False,
-                 upscale_masks: bool = True, image_cache: bool = False) -> None:
+                 upscale_masks: bool = True, image_cache: bool = False, multimask_only: bool = False) -> None:
         super().__init__()
         if image_cache and not fast:
             raise ValueError("image_cache=True needs fast=True (the faithful graph has no per-image cache)")
+        if multimask_only and (not fast or return_single_mask):
+            raise ValueError("multimask_only=True needs fast=True and return_single_mask=False")
+        self.multimask_only = bool(multimask_only)
         self.image_cache = bool(image_cache)
         self.upscale_masks = bool(upscale_masks)
         self.prompt_encoder = _plain_copy(model.prompt_encoder, gelu_approximate)
@@ -167,7 +173,18 @@ class SamOnnxDecoder(nn.Module):
             size = tuple(int(v) for v in self.prompt_encoder.image_embedding_size)
             fast.cache = ImageCache(None, size, None, self.pe_tokens, keys, kh0, vh0, q0)
             hidden = self.prompt_encoder.mask_features(mask_input)
+            if self.multimask_only:
+                # The final attention for the IoU token and mask tokens 1..m-1 only (token 0 is skipped).
+                queries, tokens, image_tokens = fast.transformer(sparse, mask_hidden=hidden,
+                                                                 mask_present=has_mask_input)
+                which = list(range(1, dec.num_mask_tokens))
+                out = fast.final_tokens(queries, tokens, image_tokens, [0] + [1 + i for i in which])
+                iou = dec.iou_prediction_head(out[:, 0, :])[:, which]
+                return fast.upscale(fast.hyper(out[:, 1:], which), image_tokens, None), iou
             iou, mask_tokens, image_tokens = fast.tokens(sparse, mask_hidden=hidden, mask_present=has_mask_input)
+        if self.multimask_only:
+            which = list(range(1, dec.num_mask_tokens))
+            return fast.masks(mask_tokens, image_tokens, which), iou[:, which]
         masks = fast.masks(mask_tokens, image_tokens, range(dec.num_mask_tokens))
         return masks, iou
 
@@ -278,19 +295,21 @@ def export_decoder_cache(model, path: PathLike, *, opset: int = 17) -> Path:
 
 def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask: bool = False,
                    gelu_approximate: bool = False, use_stability_score: bool = False, fast: bool = False,
-                   upscale_masks: bool = True, image_cache: bool = False) -> Path:
+                   upscale_masks: bool = True, image_cache: bool = False, multimask_only: bool = False) -> Path:
     """Export the prompt encoder + mask decoder of ``model`` to the ONNX file ``path``.
 
     Inputs / outputs are those of the module docstring (the names of the reference SAM ONNX
     model; with ``image_cache`` the outputs of :func:`export_decoder_cache`'s graph in place of
     ``image_embeddings``).
     Returns the written path. Raises ``ValueError`` for an opset outside ``[13, 20]``, a path not
-    ending in ``.onnx``, or ``image_cache`` without ``fast``.
+    ending in ``.onnx``, ``image_cache`` without ``fast``, or ``multimask_only`` without ``fast`` or
+    with ``return_single_mask``.
     """
     check_opset(opset)
     wrapper = SamOnnxDecoder(model, return_single_mask=return_single_mask,
                              use_stability_score=use_stability_score, gelu_approximate=gelu_approximate,
-                             fast=fast, upscale_masks=upscale_masks, image_cache=image_cache)
+                             fast=fast, upscale_masks=upscale_masks, image_cache=image_cache,
+                             multimask_only=multimask_only)
     dynamic_axes = {
         "point_coords": {1: "num_points"},
         "point_labels": {1: "num_points"},
@@ -304,6 +323,11 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
     if image_cache:
         inputs = CACHE_OUTPUTS + inputs[1:]
         example = example_cache_inputs(model, example[0]) + example[1:]
+    num_masks = wrapper.mask_decoder.num_mask_tokens
+    if return_single_mask:
+        num_masks = 1
+    elif multimask_only:
+        num_masks -= 1
     metadata = {
         META_KIND: KIND_DECODER,
         META_FORMAT: FORMAT_VERSION,
@@ -316,7 +340,8 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
         "anyseg.fast": str(int(fast)),
         "anyseg.upscale_masks": str(int(upscale_masks)),
         "anyseg.image_cache": str(int(image_cache)),
-        "anyseg.num_masks": "1" if return_single_mask else str(wrapper.mask_decoder.num_mask_tokens),
+        "anyseg.multimask_only": str(int(multimask_only)),
+        "anyseg.num_masks": str(num_masks),
     }
     with torch.no_grad():
         return export_graph(wrapper, example, path, opset=opset, input_names=inputs, output_names=outputs,
