@@ -156,25 +156,54 @@ function taps(outLen, cropLen, side, imgSize) {
 }
 
 // logits: Float32Array(side * side), row-major. Returns the mask Uint8Array(H * W) (logit > 0).
+// Only the part of the image that can be inside the mask is computed: every weight is >= 0, so a pixel
+// whose low-res rows (columns) all lie outside the rows (columns) holding a positive logit has a value
+// <= 0 and stays 0. The result is the same as computing every pixel.
 export function upscaleLogits(logits, side, imgSize, inputH, inputW, H, W) {
-  const ty = taps(H, inputH, side, imgSize);
-  const tx = taps(W, inputW, side, imgSize);
-  const rows = new Float32Array(H * side); // vertical pass: H x side
-  for (let y = 0; y < H; y++) {
-    const o = y * 4;
-    const r0 = ty.idx[o] * side, r1 = ty.idx[o + 1] * side, r2 = ty.idx[o + 2] * side, r3 = ty.idx[o + 3] * side;
-    const w0 = ty.wt[o], w1 = ty.wt[o + 1], w2 = ty.wt[o + 2], w3 = ty.wt[o + 3];
-    const out = y * side;
+  const mask = new Uint8Array(H * W);
+  let r0 = side, r1 = -1, c0 = side, c1 = -1;
+  for (let r = 0; r < side; r++) {
+    const row = r * side;
     for (let c = 0; c < side; c++) {
-      rows[out + c] = w0 * logits[r0 + c] + w1 * logits[r1 + c] + w2 * logits[r2 + c] + w3 * logits[r3 + c];
+      if (logits[row + c] > 0) {
+        if (r < r0) r0 = r;
+        r1 = r;
+        if (c < c0) c0 = c;
+        if (c > c1) c1 = c;
+      }
     }
   }
-  const mask = new Uint8Array(H * W);
+  if (r1 < 0) return mask; // no positive logit: an empty mask
+  const ty = taps(H, inputH, side, imgSize);
+  const tx = taps(W, inputW, side, imgSize);
+  const touches = (t, o, lo, hi) => {
+    for (let j = 0; j < 4; j++) if (t.idx[o * 4 + j] >= lo && t.idx[o * 4 + j] <= hi) return true;
+    return false;
+  };
+  let y0 = 0, y1 = H - 1, x0 = 0, x1 = W - 1; // the taps grow with the output index
+  while (y0 < H && !touches(ty, y0, r0, r1)) y0++;
+  while (y1 > y0 && !touches(ty, y1, r0, r1)) y1--;
+  while (x0 < W && !touches(tx, x0, c0, c1)) x0++;
+  while (x1 > x0 && !touches(tx, x1, c0, c1)) x1--;
+  if (y0 >= H || x0 >= W) return mask;
+  // the low-res columns that pixels x0..x1 read (the taps grow with x)
+  const cLo = Math.min(tx.idx[x0 * 4], tx.idx[x0 * 4 + 2]);
+  const cHi = Math.max(tx.idx[x1 * 4 + 1], tx.idx[x1 * 4 + 3]);
+  const rows = new Float32Array((y1 - y0 + 1) * side); // vertical pass: rows y0..y1, columns cLo..cHi
+  for (let y = y0; y <= y1; y++) {
+    const o = y * 4;
+    const a0 = ty.idx[o] * side, a1 = ty.idx[o + 1] * side, a2 = ty.idx[o + 2] * side, a3 = ty.idx[o + 3] * side;
+    const w0 = ty.wt[o], w1 = ty.wt[o + 1], w2 = ty.wt[o + 2], w3 = ty.wt[o + 3];
+    const out = (y - y0) * side;
+    for (let c = cLo; c <= cHi; c++) {
+      rows[out + c] = w0 * logits[a0 + c] + w1 * logits[a1 + c] + w2 * logits[a2 + c] + w3 * logits[a3 + c];
+    }
+  }
   const { idx, wt } = tx;
-  for (let y = 0; y < H; y++) {
-    const row = y * side;
+  for (let y = y0; y <= y1; y++) {
+    const row = (y - y0) * side;
     const out = y * W;
-    for (let x = 0; x < W; x++) {
+    for (let x = x0; x <= x1; x++) {
       const o = x * 4;
       const v = wt[o] * rows[row + idx[o]] + wt[o + 1] * rows[row + idx[o + 1]]
         + wt[o + 2] * rows[row + idx[o + 2]] + wt[o + 3] * rows[row + idx[o + 3]];
