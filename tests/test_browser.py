@@ -114,7 +114,8 @@ def wait_decodes(pg, count: int) -> None:
 
 def check_page_masks_match_server(pg, url) -> None:
     """The page's candidates (decoded in the page, upscaled in JavaScript when it runs the graph
-    itself) against the server's masks for the same prompt: mask IoU >= 0.999 and scores within 1e-3."""
+    itself) against the server's masks for the same prompt: mask IoU >= 0.999 (>= 0.98 with the
+    approximate page graph, the default) and scores within 1e-3."""
     import httpx
 
     from anyseg.masks import rle_to_mask
@@ -126,6 +127,9 @@ def check_page_masks_match_server(pg, url) -> None:
                        json={"points": points, "labels": [1] * len(points), "multimask": True, "format": "rle"})
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    approximate = (pg.evaluate("window.anyseg.backend") == "onnx"
+                   and httpx.get(f"{url}/api/v1/decoder", timeout=60).json()["graph"] == "approximate")
+    least = 0.98 if approximate else 0.999
     server = sorted(body["masks"], key=lambda m: -m["score"])
     assert len(server) == len(page) == 3
     for got, want in zip(page, server):
@@ -133,7 +137,7 @@ def check_page_masks_match_server(pg, url) -> None:
         want_mask = rle_to_mask(want["mask"]).astype(bool)
         got_mask = np.array(got["mask"], bool).reshape(want_mask.shape)
         union = np.logical_or(got_mask, want_mask).sum()
-        assert union == 0 or np.logical_and(got_mask, want_mask).sum() / union >= 0.999
+        assert union == 0 or np.logical_and(got_mask, want_mask).sum() / union >= least
 
 
 def test_label_an_object_in_the_browser(page, app_server, images_dir):

@@ -66,6 +66,9 @@ def register(subparsers) -> None:
                         help="do not export the decoder for the page: decode every click on the server")
     parser.add_argument("--decoder-dir", default=None, metavar="DIR",
                         help="where the exported decoder graph is cached (default: $ANYSEG_HOME/onnx)")
+    parser.add_argument("--page-graph", default="approximate", choices=("approximate", "exact"),
+                        help="the page's decoder graph: approximate (default; int8 upscaling, masks within "
+                             "IoU 0.98 of the float32 decode) or exact (float32)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log verbosity (default: info)")
     parser.set_defaults(func=run)
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         cache_bytes=args.cache_mb * 1024 * 1024,
         browser_decoder=not args.no_browser_decoder,
         decoder_dir=Path(args.decoder_dir) if args.decoder_dir else None,
+        page_graph=args.page_graph,
         model_name=str(args.model),
         models_dir=Path(args.models) if args.models else None,
     )

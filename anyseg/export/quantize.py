@@ -184,3 +184,69 @@ def quantize(src: PathLike, dst: PathLike, *, method: str = "weights", per_chann
             onnx.save_model(model, str(final))
         os.replace(final, dst)
     return dst
+
+
+def _plain_gemms(model) -> list:
+    """``Gemm`` nodes ``A @ B + C`` with a stored weight ``B`` and neither input transposed. In anyseg's SAM
+    decoder graphs (``fast=True``) these are exactly the upscaling network's two products (its transposed
+    convolutions, written as matrix products on pixels); the linear layers export with ``transB=1``."""
+    onnx = require_onnx()
+    stored = {t.name for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) != 3 or node.input[1] not in stored:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if not attrs.get("transA", 0) and not attrs.get("transB", 0) and attrs.get("alpha", 1.0) == 1.0 \
+                and attrs.get("beta", 1.0) == 1.0:
+            found.append(node)
+    return found
+
+
+def quantize_upscaling(src: PathLike, dst: PathLike) -> Path:
+    """The labelling page's approximate decoder graph: a copy of the SAM decoder graph ``src``
+    (``export_decoder(..., fast=True)``) with the upscaling network's two matrix products in int8.
+
+    Each product (``Gemm``) becomes ``MatMul`` + ``Add`` and the ``MatMul`` is dynamically quantized
+    (``MatMulInteger``: weights uint8 with a scale per output channel, activations quantized at run
+    time), which onnxruntime-web runs in WebAssembly. Everything else stays float32. The masks stay
+    within mask IoU 0.98 of the float32 decoder on the golden checkpoints
+    (``tests/test_page_graph.py``). Metadata is carried over, plus ``anyseg.quantized`` =
+    ``int8-upscaling``. Raises ``ValueError`` when ``src`` has no such products. Returns ``dst``.
+    """
+    onnx = require_onnx()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), check_output_path(dst)
+    model = onnx.load(str(src))
+    metadata = read_metadata(model)
+    gemms = _plain_gemms(model)
+    if not gemms:
+        raise ValueError(f"{str(src)!r} has no upscaling products (Gemm with a stored weight) to quantize")
+    chosen = {id(n) for n in gemms}
+    nodes, names = [], []
+    for node in model.graph.node:
+        if id(node) not in chosen:
+            nodes.append(node)
+            continue
+        product = node.output[0] + "/int8_product"
+        names.append(node.name + "/MatMul")
+        nodes.append(onnx.helper.make_node("MatMul", list(node.input[:2]), [product], name=names[-1]))
+        nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], list(node.output), name=node.name + "/Add"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp:
+        plain, staged = Path(tmp) / "plain.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(model, str(plain))
+        with _quiet_root_logger():
+            quantize_dynamic(str(plain), str(staged), nodes_to_quantize=names, per_channel=True, reduce_range=False,
+                             weight_type=QuantType.QUInt8)
+        out = onnx.load(str(staged))
+        del out.metadata_props[:]
+        for key, value in {**metadata, "anyseg.quantized": "int8-upscaling"}.items():
+            entry = out.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save_model(out, str(staged))
+        os.replace(staged, dst)
+    return dst

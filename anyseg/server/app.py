@@ -123,7 +123,8 @@ def create_app(model, settings: Optional[ServerSettings] = None):
 
     def make_decoder(served) -> DecoderExport:
         """The page's decoder graphs of model ``served`` (a new one on every model switch)."""
-        return DecoderExport(served, settings.decoder_dir, enabled=settings.browser_decoder)
+        return DecoderExport(served, settings.decoder_dir, enabled=settings.browser_decoder,
+                             graph=settings.page_graph)
 
     decoder = make_decoder(model)
 
@@ -192,7 +193,8 @@ def create_app(model, settings: Optional[ServerSettings] = None):
             url=f"{API}/decoder.onnx" if decoder.status == "ready" else None,
             cache_url=f"{API}/decoder-cache.onnx" if decoder.status == "ready" else None,
             runtime_url="/static/ort/ort.wasm.min.mjs" if runtime.is_file() else None,
-            img_size=int(model.img_size), mask_side=int(engine.mask_input_size), **decoder.describe(model),
+            img_size=int(model.img_size), mask_side=int(engine.mask_input_size), graph=decoder.graph,
+            **decoder.describe(model),
         )
 
     def _graph_file(which: str, filename: str) -> FileResponse:

@@ -7,6 +7,10 @@ and the page decodes on the server (``static/decoders.js``, ``chooseDecoder``). 
 ONNX export (:mod:`anyseg.export`) and the page's side of it (``OnnxDecoder`` in ``static/decoders.js``,
 which maps clicks into the model frame and upscales the low-res logits as the family's postprocessing
 does): SAM 1 has both; SAM 2 has neither yet.
+
+Two kinds of decoder graph (:data:`PAGE_GRAPH_KINDS`, ``anyseg serve --page-graph``): ``approximate``
+(the default) is faster in the page and its masks stay within mask IoU 0.98 of the server's float32
+decode; ``exact`` is the float32 decoder computation.
 """
 from __future__ import annotations
 
@@ -25,13 +29,21 @@ from ..protocol import FAMILY_NAMES, model_family
 log = logging.getLogger("anyseg.server")
 
 DECODER_OPSET = 17
+#: The kinds of page decoder graph: ``approximate`` (the default: the three candidates the page shows only,
+#: the upscaling network's two products in int8) and ``exact`` (float32, all four outputs).
+PAGE_GRAPH_KINDS = ("approximate", "exact")
 
 
 class SamPageGraphs:
     """SAM 1's page graphs: the per-image graph (``export_decoder_cache``), which the page runs once per
     image, and the per-click graph that takes its outputs (``export_decoder(fast=True, upscale_masks=False,
     image_cache=True)``): the fast decoder arithmetic, stopping at the low-res logits. The page upscales
-    the candidates itself (``static/masks.js``, ``upscaleLogits``)."""
+    the candidates itself (``static/masks.js``, ``upscaleLogits``).
+
+    The ``approximate`` decoder graph decodes the three multimask candidates only (``multimask_only``,
+    the page never shows the single-mask output) and runs the upscaling network's two matrix products
+    in int8 (:func:`anyseg.export.quantize.quantize_upscaling`); the ``exact`` one is the float32 graph
+    with all four outputs."""
 
     @staticmethod
     def key(model) -> str:
@@ -48,19 +60,31 @@ class SamPageGraphs:
         return digest.hexdigest()
 
     @staticmethod
-    def export(snapshot, decoder_path: Path, cache_path: Path) -> None:
+    def export(snapshot, decoder_path: Path, cache_path: Path, graph: str = "approximate") -> None:
         from ..export import export_decoder, export_decoder_cache  # ImportError without the onnx extra
 
-        export_decoder(snapshot, decoder_path, opset=DECODER_OPSET, fast=True, upscale_masks=False, image_cache=True)
+        options = dict(opset=DECODER_OPSET, fast=True, upscale_masks=False, image_cache=True)
+        if graph == "exact":
+            export_decoder(snapshot, decoder_path, **options)
+        else:
+            from ..export.quantize import quantize_upscaling
+
+            plain = decoder_path.with_name(decoder_path.stem + "-float32.onnx")
+            try:
+                export_decoder(snapshot, plain, multimask_only=True, **options)
+                quantize_upscaling(plain, decoder_path)
+            finally:
+                if plain.exists():
+                    plain.unlink()
         export_decoder_cache(snapshot, cache_path, opset=DECODER_OPSET)
 
     @staticmethod
-    def describe(model) -> Dict[str, Dict[str, str]]:
+    def describe(model, graph: str = "approximate") -> Dict[str, Dict[str, str]]:
         """Input and output names and shapes of the two graphs (``cache_inputs``, ``inputs``, ``outputs``)."""
         g = model.prompt_encoder.image_embedding_size
         side = model.prompt_encoder.mask_input_size[0]
         dim = model.prompt_encoder.embed_dim
-        k = model.mask_decoder.num_mask_tokens
+        k = model.mask_decoder.num_mask_tokens - (1 if graph == "approximate" else 0)
         n = int(g[0]) * int(g[1])
         first = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image
         h = first.num_heads
@@ -86,10 +110,14 @@ class DecoderExport:
 
     ``status`` is ``"exporting"``, ``"ready"`` (``path`` and ``cache_path`` are the files) or
     ``"unavailable"`` (``reason`` says why; the page then decodes on the server). Graphs are cached on
-    disk by a hash of the decoder's weights, so a restart reuses the files.
+    disk by a hash of the decoder's weights, so a restart reuses the files. ``graph`` is one of
+    :data:`PAGE_GRAPH_KINDS`.
     """
 
-    def __init__(self, model, directory: Optional[Path], enabled: bool = True) -> None:
+    def __init__(self, model, directory: Optional[Path], enabled: bool = True, graph: str = "approximate") -> None:
+        if graph not in PAGE_GRAPH_KINDS:
+            raise ValueError(f"the page graph must be one of {', '.join(PAGE_GRAPH_KINDS)}, got {graph!r}")
+        self.graph = graph
         self.status = "unavailable"
         self.reason = "the browser decoder is disabled (--no-browser-decoder)"
         self.path: Optional[Path] = None
@@ -109,7 +137,8 @@ class DecoderExport:
             directory = cache_dir() / "onnx"
         self.directory = Path(directory)
         stem = f"decoder-{self.graphs.key(model)[:20]}-opset{DECODER_OPSET}"
-        self.target = self.directory / f"{stem}-fast-lowres-cached.onnx"
+        kind = "fast-lowres-cached" if graph == "exact" else "page-approximate"
+        self.target = self.directory / f"{stem}-{kind}.onnx"
         self.cache_target = self.directory / f"{stem}-image-cache.onnx"
         if self.target.is_file() and self.cache_target.is_file():
             self.status, self.reason, self.path, self.cache_path = "ready", "", self.target, self.cache_target
@@ -125,7 +154,7 @@ class DecoderExport:
         """The graphs' input and output names and shapes (empty for a family without page graphs)."""
         if self.graphs is None:
             return {"cache_inputs": {}, "inputs": {}, "outputs": {}}
-        return self.graphs.describe(model)
+        return self.graphs.describe(model, self.graph)
 
     def wait(self, timeout: Optional[float] = None) -> str:
         if self._thread is not None:
@@ -137,7 +166,7 @@ class DecoderExport:
         tmp, cache_tmp = (t.with_name(tag + t.name) for t in (self.target, self.cache_target))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.graphs.export(snapshot, tmp, cache_tmp)
+            self.graphs.export(snapshot, tmp, cache_tmp, self.graph)
             # The per-image graph goes into place first: a decoder graph on disk means both are there.
             os.replace(cache_tmp, self.cache_target)
             os.replace(tmp, self.target)

@@ -64,6 +64,9 @@ class DecoderInfo(BaseModel):
     outputs: Dict[str, str] = Field(default_factory=dict, description="graph output names and shapes")
     img_size: int = Field(..., description="the model's input size: long side of the model frame")
     mask_side: int = Field(..., description="side of the low-res logits (and of mask_input)")
+    graph: Literal["approximate", "exact"] = Field(
+        "approximate", description="which decoder graph the page gets (anyseg serve --page-graph): approximate "
+        "(the three candidates only, int8 upscaling; masks within IoU 0.98 of the server's) or exact (float32)")
 
 
 class ImageInfo(BaseModel):

@@ -25,6 +25,8 @@ class ServerSettings:
     browser_decoder: export the decoder to ONNX (once, cached on disk in ``decoder_dir``) so that the
         page can decode clicks itself; False keeps all decoding on the server.
     decoder_dir: where the exported decoder graphs are kept (default: ``$ANYSEG_HOME/onnx``).
+    page_graph: the page's decoder graph, ``"approximate"`` (faster; masks within mask IoU 0.98 of the
+        float32 decode) or ``"exact"`` (the float32 decoder), see :mod:`anyseg.server.page_decoder`.
     model_name: the name shown by ``/api/v1/models``.
     models_dir: folder of checkpoints the server may switch to without a restart (``POST
         /api/v1/models/switch``), e.g. the runs folder of ``anyseg train`` (None: only the served model).
@@ -40,6 +42,7 @@ class ServerSettings:
     max_everything_points_per_side: int = 64
     browser_decoder: bool = True
     decoder_dir: Optional[Path] = None
+    page_graph: str = "approximate"
     model_name: str = "model"
     models_dir: Optional[Path] = None
 
@@ -48,6 +51,8 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.page_graph not in ("approximate", "exact"):
+            raise ValueError(f"page_graph must be 'approximate' or 'exact', got {self.page_graph!r}")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be empty (leave it unset to serve without authentication)")
         if self.images_dir is not None:

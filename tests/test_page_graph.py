@@ -1,0 +1,191 @@
+"""The labelling page's decoder graphs (anyseg/server/page_decoder.py), run with onnxruntime as the page
+runs them with onnxruntime-web: the approximate graph's masks against the server's float32 decode on
+every golden predictor case, and the exact graph one setting away."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import anyseg  # noqa: E402
+from anyseg.geometry import boxes_to_model, coords_to_model  # noqa: E402
+from anyseg.server.page_decoder import PAGE_GRAPH_KINDS, DecoderExport, SamPageGraphs  # noqa: E402
+from conftest import mask_iou  # noqa: E402
+
+pytestmark = pytest.mark.golden
+
+MODELS = ["vit_small", "mobilesam"]
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _prompts(case: dict):
+    """Every single-object prompt of a golden case: ``(points, labels, box, uses_mask_input)``; the
+    batched case gives one prompt per box."""
+    if case["name"] == "batched_boxes":
+        return [(None, None, box, False) for box in case["boxes"]]
+    return [(case["point_coords"], case["point_labels"], case["box"], "mask_input" in case)]
+
+
+def _page_feeds(points, labels, box, mask_input, original_size):
+    """The decoder graph's prompt inputs as the page builds them (``OnnxDecoder.decode``)."""
+    coords, codes = [], []
+    if points:
+        coords += coords_to_model(np.array(points, np.float64), original_size).tolist()
+        codes += list(labels)
+    if box is not None:
+        coords += boxes_to_model(np.array(box, np.float64), original_size).reshape(2, 2).tolist()
+        codes += [2, 3]
+    else:
+        coords.append([0.0, 0.0])  # the padding point
+        codes.append(-1)
+    has_mask = mask_input is not None
+    return {"point_coords": np.array([coords], np.float32), "point_labels": np.array([codes], np.float32),
+            "mask_input": (mask_input if has_mask else np.zeros((1, 256, 256), np.float32))[None].astype(np.float32),
+            "has_mask_input": np.array([1.0 if has_mask else 0.0], np.float32)}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def page_graphs(request, manifest, golden_dir, tmp_path_factory):
+    entry = manifest[request.param]
+    model = anyseg.load_model(golden_dir / entry["checkpoint"], device="cpu")
+    out = tmp_path_factory.mktemp(f"page-{request.param}")
+    with torch.no_grad():
+        SamPageGraphs.export(model, out / "decoder.onnx", out / "cache.onnx", "approximate")
+    return model, entry, _session(out / "decoder.onnx"), _session(out / "cache.onnx")
+
+
+@pytest.mark.slow
+def test_approximate_graph_masks_match_the_float32_decode(page_graphs, golden_dir):
+    """The three candidates the page shows, for every prompt of every golden predictor case (both
+    images): mask IoU >= 0.98 against the server's float32 decode of the same prompt (multimask, as
+    the page asks the server), scores within 1e-3."""
+    model, entry, decoder, cache = page_graphs
+    predictor = anyseg.SamPredictor(model)
+    names = {i.name for i in decoder.get_inputs()}
+    assert [o.name for o in decoder.get_outputs()] == ["iou_predictions", "low_res_masks"]
+    worst, checked = 1.0, 0
+    for spec in entry["predictor"]:
+        golden = np.load(golden_dir / spec["file"])
+        original = tuple(int(v) for v in golden["original_size"])
+        input_size = tuple(int(v) for v in golden["input_size"])
+        predictor.set_embedding(torch.from_numpy(golden["image_embedding"]), input_size, original)
+        image = dict(zip((o.name for o in cache.get_outputs()),
+                         cache.run(None, {"image_embeddings": golden["image_embedding"]})))
+        for case in spec["cases"]:
+            for points, labels, box, uses_mask in _prompts(case):
+                mask_input = golden["refine_mask_input"] if uses_mask else None
+                want, want_scores, _ = predictor.predict(
+                    None if points is None else np.array(points), None if labels is None else np.array(labels),
+                    None if box is None else np.array(box), mask_input=mask_input, multimask_output=True)
+                feeds = {**image, **_page_feeds(points, labels, box, mask_input, original)}
+                scores, low = decoder.run(None, {k: v for k, v in feeds.items() if k in names})
+                assert low.shape == (1, 3, 256, 256)
+                masks = model.postprocess_masks(torch.from_numpy(low), input_size, original)[0].numpy() > 0
+                np.testing.assert_allclose(scores[0], want_scores, atol=1e-3, rtol=0)
+                for got, ref in zip(masks, want):
+                    worst = min(worst, mask_iou(got, ref))
+                checked += 1
+    print(f"\n{entry['checkpoint']}: approximate page graph, worst mask IoU {worst:.4f} over {checked} prompts")
+    assert checked == 2 * 10
+    assert worst >= 0.98
+
+
+@pytest.mark.slow
+def test_page_graph_setting(golden_dir, tmp_path):
+    """``exact`` gives the float32 graph with all four outputs, matching the decoder; the default is the
+    approximate graph (three outputs, int8 upscaling products); an unknown kind is refused."""
+    import onnx
+
+    assert PAGE_GRAPH_KINDS == ("approximate", "exact")
+    model = anyseg.load_model(golden_dir / "mobilesam_checkpoint.pth", device="cpu")
+    with pytest.raises(ValueError, match="approximate, exact"):
+        DecoderExport(model, tmp_path, graph="int4")
+    exact = DecoderExport(model, tmp_path, graph="exact")
+    assert exact.wait(timeout=600) == "ready", exact.reason
+    graph = onnx.load(str(exact.path))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["anyseg.num_masks"] == "4" and meta["anyseg.multimask_only"] == "0"
+    assert "anyseg.quantized" not in meta
+    assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.graph.node)
+    assert exact.describe(model)["outputs"]["low_res_masks"].startswith("1x4x")
+    # The exact graph's logits are the decoder's to float32 rounding.
+    predictor = anyseg.SamPredictor(model)
+    golden = np.load(golden_dir / "mobilesam_dog_predictor.npz")
+    original = tuple(int(v) for v in golden["original_size"])
+    predictor.set_embedding(torch.from_numpy(golden["image_embedding"]),
+                            tuple(int(v) for v in golden["input_size"]), original)
+    _, want_scores, want_low = predictor.predict(np.array([[400.0, 267.0]]), np.array([1]), multimask_output=True)
+    cache = _session(exact.cache_path)
+    decoder = _session(exact.path)
+    image = dict(zip((o.name for o in cache.get_outputs()), cache.run(None, {"image_embeddings": golden["image_embedding"]})))
+    scores, low = decoder.run(None, {**image, **_page_feeds([[400.0, 267.0]], [1], None, None, original)})
+    np.testing.assert_allclose(scores[0, 1:], want_scores, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(low[0, 1:], want_low, atol=1e-2, rtol=0)
+
+    approximate = DecoderExport(model, tmp_path)  # the default
+    assert approximate.graph == "approximate" and approximate.path != exact.path
+    assert approximate.wait(timeout=600) == "ready", approximate.reason
+    graph = onnx.load(str(approximate.path))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["anyseg.num_masks"] == "3" and meta["anyseg.quantized"] == "int8-upscaling"
+    assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 2
+    assert approximate.describe(model)["outputs"]["low_res_masks"].startswith("1x3x")
+
+
+UPSCALE_JS = """
+import { readFileSync, writeFileSync } from 'node:fs';
+const { upscaleLogits } = await import(process.argv[2]);
+const [side, imgSize, inputH, inputW, H, W, count] = JSON.parse(process.argv[3]);
+const all = new Float32Array(readFileSync(process.argv[4]).buffer.slice(0));
+const out = new Uint8Array(count * H * W);
+for (let i = 0; i < count; i++) {
+  out.set(upscaleLogits(all.subarray(i * side * side, (i + 1) * side * side), side, imgSize, inputH, inputW, H, W), i * H * W);
+}
+writeFileSync(process.argv[5], out);
+"""
+
+
+def test_page_upscale_of_the_positive_region_only(tmp_path):
+    """static/masks.js computes only the pixels near positive low-res logits: its masks equal the
+    model's postprocessing of the whole map (bilinear to 1024, crop, bilinear to H x W, > 0)."""
+    import shutil
+    import subprocess
+
+    from anyseg.geometry import resized_shape
+    from anyseg.server import page_decoder
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    masks_js = (page_decoder.__file__.rsplit("/", 1)[0]) + "/static/masks.js"
+    side, img_size, (h, w) = 256, 1024, (534, 800)
+    input_h, input_w = resized_shape(h, w, img_size)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:side, :side]
+    maps = [np.full((side, side), -5.0), np.full((side, side), 3.0), rng.normal(0, 1, (side, side))]
+    for cy, cx, r in ((100, 60, 20), (0, 0, 9), (170, 255, 30), (128, 128, 1.5), (250, 5, 4)):
+        maps.append(r - np.hypot(yy - cy, xx - cx) + 0.3 * rng.normal(size=(side, side)))
+    # Past the image's bottom edge (the padding of the model frame): nothing shows.
+    maps.append(np.where(yy > 200, 4.0, -4.0))
+    logits = np.stack(maps).astype(np.float32)
+    (tmp_path / "run.mjs").write_text(UPSCALE_JS)
+    (tmp_path / "logits.bin").write_bytes(logits.tobytes())
+    args = [side, img_size, input_h, input_w, h, w, len(maps)]
+    subprocess.run([node, str(tmp_path / "run.mjs"), "file://" + masks_js, str(args).replace(" ", ""),
+                    str(tmp_path / "logits.bin"), str(tmp_path / "masks.bin")], check=True, timeout=120)
+    got = np.frombuffer((tmp_path / "masks.bin").read_bytes(), np.uint8).reshape(len(maps), h, w)
+    up = F.interpolate(torch.from_numpy(logits)[None], (img_size, img_size), mode="bilinear", align_corners=False)
+    want = F.interpolate(up[..., :input_h, :input_w], (h, w), mode="bilinear", align_corners=False)[0].numpy() > 0
+    assert not got[0].any() and got[1].all() and not got[-1].any() and not want[-1].any()
+    for i in range(len(maps)):
+        # float32 sums in another order: a pixel whose value is within rounding of 0 may differ
+        assert (got[i].astype(bool) != want[i]).sum() <= 2, i
