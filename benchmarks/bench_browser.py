@@ -15,6 +15,14 @@ padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
   cache:tf   the cache+js decoder graph stopped after the two-way transformer (the upscaling network
              replaced by a tiny stand-in): with cache+js, the time split between the transformer and
              the upscaling (network and JavaScript).
+  approx+js  the labelling app's default graph (``anyseg serve --page-graph approximate``,
+             ``anyseg.server.page_decoder``): cache+js with the three candidates only and the
+             upscaling network's two products in int8; ``cache+js`` is the ``exact`` setting.
+
+With a golden checkpoint (the default), the approximate graph is also run in the page on the golden
+image embeddings and every golden predictor prompt, and its candidates (upscaled as the page does)
+are compared with the server's float32 decode of the same prompt: the worst and mean mask IoU are
+printed under the table.
 
 The graphs are served with the page's onnxruntime-web files from a local HTTP server that sends the
 cross-origin-isolation headers (WebAssembly threads need them). Native onnxruntime (Python) on the
@@ -28,7 +36,7 @@ onnxruntime-web files copied by ``make web``).
 
 usage:
   ANYSEG_SHARED=../shared python benchmarks/bench_browser.py [--checkpoint PATH] [--size 534x800]
-      [--repeats 20] [--threads 1,2] [--workdir DIR]
+      [--repeats 20] [--threads 1,2] [--workdir DIR] [--graphs approx+js,cache+js]
 """
 from __future__ import annotations
 
@@ -171,6 +179,104 @@ def _native(path: Path, threads: int, repeats: int, height: int, width: int, sid
     return times, cache_times
 
 
+# Runs in the page: the approximate graph on golden embeddings and prompts; low-res logits back as base64.
+QUALITY_JS = """async ({decoder, cache, images}) => {
+  const ort = await import('./ort/ort.wasm.min.mjs');
+  const load = async (file) => ort.InferenceSession.create(await (await fetch(file)).arrayBuffer(),
+                                                           {executionProviders: ['wasm']});
+  const floats = async (file) => new Float32Array(await (await fetch(file)).arrayBuffer());
+  const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let t = '';
+    for (let i = 0; i < u.length; i += 0x8000) t += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
+    return btoa(t); };
+  const [session, cacheSession] = [await load(decoder), await load(cache)];
+  const out = [];
+  for (const image of images) {
+    const emb = await floats(image.embedding);
+    const projections = await cacheSession.run({image_embeddings: new ort.Tensor('float32', emb, image.shape)});
+    const refine = await floats(image.refine);
+    for (const p of image.prompts) {
+      const n = p.labels.length;
+      const r = await session.run({...projections,
+        point_coords: new ort.Tensor('float32', Float32Array.from(p.coords.flat()), [1, n, 2]),
+        point_labels: new ort.Tensor('float32', Float32Array.from(p.labels), [1, n]),
+        mask_input: new ort.Tensor('float32', p.mask ? refine : new Float32Array(refine.length), [1, 1, 256, 256]),
+        has_mask_input: new ort.Tensor('float32', Float32Array.from([p.mask ? 1 : 0]), [1])});
+      out.push({low: b64(r.low_res_masks.data), dims: r.low_res_masks.dims, scores: Array.from(r.iou_predictions.data)});
+    }
+  }
+  await session.release(); await cacheSession.release();
+  return out;
+}"""
+
+
+def _page_quality(page, work: Path, model, checkpoint: Path, shared: Path):
+    """Worst and mean mask IoU of the approximate graph, run in ``page``, against the float32 decode
+    (``SamPredictor`` on the same embedding) over every golden predictor prompt of ``checkpoint``; None
+    when the checkpoint has no golden cases."""
+    import base64
+    import json
+
+    import numpy as np
+    import torch
+
+    import anyseg
+    from anyseg.geometry import boxes_to_model, coords_to_model
+
+    golden = shared / "golden"
+    try:
+        manifest = json.loads((golden / "manifest.json").read_text())
+    except OSError:
+        return None
+    entry = next((e for e in manifest.values() if isinstance(e, dict) and e.get("checkpoint") == checkpoint.name), None)
+    if entry is None or checkpoint.resolve().parent != golden.resolve():
+        return None
+    predictor = anyseg.SamPredictor(model)
+    images, wanted = [], []
+    for i, spec in enumerate(entry["predictor"]):
+        data = np.load(golden / spec["file"])
+        emb = data["image_embedding"].astype(np.float32)
+        size, input_size = tuple(int(v) for v in data["original_size"]), tuple(int(v) for v in data["input_size"])
+        (work / f"golden-{i}.bin").write_bytes(emb.tobytes())
+        (work / f"golden-{i}-refine.bin").write_bytes(data["refine_mask_input"].astype(np.float32).tobytes())
+        predictor.set_embedding(torch.from_numpy(emb), input_size, size)
+        prompts = []
+        for case in spec["cases"]:
+            boxes = case.get("boxes") or [case["box"]]
+            for box in boxes:
+                points = None if "boxes" in case else case["point_coords"]
+                labels = None if "boxes" in case else case["point_labels"]
+                uses_mask = "mask_input" in case
+                want, scores, _ = predictor.predict(
+                    None if points is None else np.array(points), None if labels is None else np.array(labels),
+                    None if box is None else np.array(box), multimask_output=True,
+                    mask_input=data["refine_mask_input"] if uses_mask else None)
+                wanted.append((want, scores, input_size, size))
+                coords, codes = [], []
+                if points:
+                    coords += coords_to_model(np.array(points, np.float64), size).tolist()
+                    codes += list(labels)
+                if box is not None:
+                    coords += boxes_to_model(np.array(box, np.float64), size).reshape(2, 2).tolist()
+                    codes += [2, 3]
+                else:
+                    coords.append([0.0, 0.0])
+                    codes.append(-1)
+                prompts.append(dict(coords=coords, labels=codes, mask=uses_mask))
+        images.append(dict(embedding=f"golden-{i}.bin", refine=f"golden-{i}-refine.bin", shape=list(emb.shape),
+                           prompts=prompts))
+    results = page.evaluate(QUALITY_JS, dict(decoder="decoder-page-approximate.onnx", cache="decoder-cache.onnx",
+                                             images=images))
+    ious, score_err = [], 0.0
+    for (want, scores, input_size, size), got in zip(wanted, results):
+        low = np.frombuffer(base64.b64decode(got["low"]), np.float32).reshape(got["dims"])
+        masks = model.postprocess_masks(torch.from_numpy(low.copy()), input_size, size)[0].numpy() > 0
+        score_err = max(score_err, float(np.abs(np.array(got["scores"]) - scores).max()))
+        for a, b in zip(masks, want):
+            union = np.logical_or(a, b).sum()
+            ious.append(1.0 if union == 0 else float(np.logical_and(a, b).sum() / union))
+    return dict(prompts=len(wanted), worst=min(ious), mean=float(np.mean(ious)), score_err=score_err)
+
+
 def _transformer_only(self, mask_tokens, image_tokens, which):
     """Stands in for ``FastDecoder.masks`` in the cache:tf graph: ``B x k x 1 x 1``, a value that depends
     on the transformer's outputs (so that the graph keeps all of it) without any upscaling."""
@@ -185,6 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", default="1,2", help="comma-separated WebAssembly thread counts")
     parser.add_argument("--workdir", default=None, help="where to write the graphs (default: a temp dir)")
+    parser.add_argument("--graphs", default=None, help="comma-separated graph kinds to time (default: all)")
     args = parser.parse_args(argv)
     try:
         height, width = (int(v) for v in args.size.lower().split("x"))
@@ -206,8 +313,9 @@ def main(argv=None) -> int:
     import torch
 
     import anyseg
-    from anyseg.export import export_decoder, export_decoder_cache
+    from anyseg.export import export_decoder
     from anyseg.fast.decoder import FastDecoder
+    from anyseg.server.page_decoder import SamPageGraphs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="anyseg-bench-browser-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -219,22 +327,31 @@ def main(argv=None) -> int:
     graphs = {"faithful": ("decoder.onnx", None), "fast": ("decoder-fast.onnx", None),
               "fast+js": ("decoder-fast-lowres.onnx", None),
               "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache.onnx"),
-              "cache:tf": ("decoder-transformer-only.onnx", "decoder-cache.onnx")}
+              "cache:tf": ("decoder-transformer-only.onnx", "decoder-cache.onnx"),
+              "approx+js": ("decoder-page-approximate.onnx", "decoder-cache.onnx")}
+    if args.graphs:
+        wanted = args.graphs.split(",")
+        unknown = set(wanted) - set(graphs)
+        if unknown:
+            parser.error(f"unknown graph kinds {sorted(unknown)}; known: {', '.join(graphs)}")
+        graphs = {k: v for k, v in graphs.items() if k in wanted}
     with torch.no_grad():
-        with mock.patch.object(FastDecoder, "masks", _transformer_only):
-            export_decoder(model, work / graphs["cache:tf"][0], fast=True, upscale_masks=False, image_cache=True)
-        export_decoder(model, work / graphs["faithful"][0])
-        export_decoder(model, work / graphs["fast"][0], fast=True)
-        export_decoder(model, work / graphs["fast+js"][0], fast=True, upscale_masks=False)
-        export_decoder(model, work / graphs["cache+js"][0], fast=True, upscale_masks=False, image_cache=True)
-        export_decoder_cache(model, work / graphs["cache+js"][1])
+        if "cache:tf" in graphs:
+            with mock.patch.object(FastDecoder, "masks", _transformer_only):
+                export_decoder(model, work / graphs["cache:tf"][0], fast=True, upscale_masks=False, image_cache=True)
+        exports = {"faithful": dict(), "fast": dict(fast=True), "fast+js": dict(fast=True, upscale_masks=False),
+                   "cache+js": dict(fast=True, upscale_masks=False, image_cache=True)}
+        for kind, options in exports.items():
+            if kind in graphs:
+                export_decoder(model, work / graphs[kind][0], **options)
+        SamPageGraphs.export(model, work / "decoder-page-approximate.onnx", work / "decoder-cache.onnx", "approximate")
     dims = dict(height=height, width=width, side=int(model.img_size), grid=int(model.config.embedding_size),
                 dim=int(model.prompt_encoder.embed_dim))
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(work)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
-    rows = []
+    rows, quality = [], None
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
@@ -250,6 +367,8 @@ def main(argv=None) -> int:
                     rows.append(("onnxruntime-web (wasm)", kind, threads, result["graphs"][name]))
                     if kind == "cache+js":
                         rows.append(("onnxruntime-web (wasm)", "cache", threads, result["caches"][name]))
+                if threads == thread_counts[-1]:
+                    quality = _page_quality(page, work, model, Path(args.checkpoint), shared)
                 page.close()
             browser.close()
     finally:
@@ -267,6 +386,12 @@ def main(argv=None) -> int:
     print(f"{'runtime':<24} {'graph':<9} {'threads':>7} {'median ms':>10} {'best ms':>8}")
     for runtime, kind, threads, times in rows:
         print(f"{runtime:<24} {kind:<9} {threads:>7} {statistics.median(times):>10.1f} {min(times):>8.1f}")
+    if quality:
+        print(f"\napprox+js against the server's float32 decode ({quality['prompts']} golden prompts, 3 candidates "
+              f"each, run in the page): mask IoU worst {quality['worst']:.4f}, mean {quality['mean']:.4f}; "
+              f"scores within {quality['score_err']:.1e}")
+    else:
+        print("\n(no golden predictor cases for this checkpoint: the approximate graph's IoU is not measured)")
     print(f"\ngraphs: {work}")
     return 0
 
