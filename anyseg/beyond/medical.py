@@ -124,9 +124,9 @@ class MedSamPredictor(_protocol().SamSurfacePredictor):
 def make_medical_predictor(model, preprocess: str = "auto"):
     """The predictor for slices: ``"medsam"`` (:class:`MedSamPredictor`, SAM 1 models only), ``"sam"``
     (``make_predictor(model)``, any family) or ``"auto"`` (MedSAM's when the model was loaded as MedSAM, i.e.
-    ``model.preprocess == "medsam"``)."""
+    ``model.input_preprocessing == "medsam"``)."""
     if preprocess == "auto":
-        preprocess = getattr(model, "preprocess", "sam")
+        preprocess = getattr(model, "input_preprocessing", "sam")
     if preprocess == "medsam":
         if _protocol().model_family(model) != "sam":
             raise ValueError("preprocess='medsam' is for SAM 1 checkpoints (MedSAM is a SAM ViT-B)")
@@ -359,7 +359,7 @@ MEDSAM_FILE = "medsam_vit_b.pth"
 
 
 def load_medsam(name_or_path=MEDSAM_NAME, device=None):
-    """Load MedSAM (a SAM ViT-B state dict) marked for MedSAM's preprocessing (``model.preprocess``).
+    """Load MedSAM (a SAM ViT-B state dict) marked for MedSAM's preprocessing (``model.input_preprocessing``).
 
     ``"medsam_vit_b"`` names ``$ANYSEG_HOME/checkpoints/medsam_vit_b.pth``: the MedSAM authors publish the
     file on a file-sharing page rather than at a fixed download address, so it is placed there by hand (the
@@ -375,5 +375,5 @@ def load_medsam(name_or_path=MEDSAM_NAME, device=None):
                                     f"project (github.com/bowang-lab/MedSAM, 'model checkpoint') and save it as {path}, "
                                     "or pass the path of the file")
     model = load_model(path, device=device)
-    model.preprocess = "medsam"
+    model.input_preprocessing = "medsam"
     return model
