@@ -162,6 +162,13 @@ class Engine:
         ``1 x 256 x 256`` low-res logits of a previous prediction. Masks are sorted best first.
         ``hq_token_only`` (HQ-SAM models only) returns the HQ token's mask alone.
         """
+        masks, scores, low_res, _ = self.decode_named(entry, point_coords, point_labels, box, mask_input,
+                                                      multimask, hq_token_only)
+        return masks, scores, low_res
+
+    def decode_named(self, entry: CacheEntry, point_coords, point_labels, box, mask_input, multimask: bool,
+                     hq_token_only: bool = False):
+        """:meth:`decode`, also returning the name of the model that decoded."""
         if hq_token_only and not getattr(self.model, "is_hq", False):
             raise ValueError("hq_token_only applies to HQ-SAM models only; the served model has no HQ token")
         if point_coords is None and box is None:
@@ -175,15 +182,6 @@ class Engine:
             if outside.any():
                 raise ValueError(f"{what} coordinates must lie inside the {w}x{h} image (XY pixels), "
                                  f"got {xy[outside].tolist()}")
-        masks, scores, low_res, _ = self.decode_named(entry, point_coords, point_labels, box, mask_input,
-                                                      multimask, hq_token_only)
-        return masks, scores, low_res
-
-    def decode_named(self, entry: CacheEntry, point_coords, point_labels, box, mask_input, multimask: bool,
-                     hq_token_only: bool = False):
-        """:meth:`decode`, also returning the name of the model that decoded."""
-        if hq_token_only and not getattr(self.model, "is_hq", False):
-            raise ValueError("hq_token_only applies to HQ-SAM models only; the served model has no HQ token")
 
         def work():
             hq = {"hq_token_only": True} if hq_token_only else {}
