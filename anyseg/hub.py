@@ -76,6 +76,8 @@ class CheckpointInfo:
         config_name: The reference's config for the file (SAM 2: ``configs/sam2.1/sam2.1_hiera_t.yaml``).
         hf_only: The file is only published on the (gated) Hugging Face repository ``hf_id``: it is fetched
             with ``huggingface_hub`` (which uses the user's access token), never by a plain download.
+        manual: The file is published on a page without a fixed download address (``url`` is that page):
+            it is put into the cache by hand, and a missing file is reported with where to save it.
     """
 
     name: str
@@ -88,6 +90,7 @@ class CheckpointInfo:
     hf_id: str | None = None
     config_name: str | None = None
     hf_only: bool = False
+    manual: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("sha256", "sha256_prefix"):
@@ -181,6 +184,13 @@ _BUILTIN += tuple(
 _BUILTIN += (CheckpointInfo(name="sam3", filename="sam3.pt", url="https://huggingface.co/facebook/sam3/resolve/main/sam3.pt",
                             description="SAM 3 (concept prompts: a phrase or exemplar boxes -> every instance)",
                             hf_id="facebook/sam3", hf_only=True),)
+
+# MedSAM (a SAM ViT-B fine-tuned on medical images): its authors share the file through a file-hosting
+# page linked from the project, not at a fixed address, so it is placed in the cache by hand. It loads as
+# a SAM ViT-B; anyseg.beyond.medical.load_medsam marks it for MedSAM's preprocessing.
+_BUILTIN += (CheckpointInfo(name="medsam_vit_b", filename="medsam_vit_b.pth", url="https://github.com/bowang-lab/MedSAM",
+                            description="MedSAM: SAM ViT-B fine-tuned for box-prompted medical image segmentation "
+                                        "(use with preprocess='medsam', see docs/beyond.md)", manual=True),)
 
 _REGISTRY: dict[str, CheckpointInfo] = {info.name: info for info in _BUILTIN}
 _ALIASES: dict[str, str] = {
@@ -428,6 +438,13 @@ def resolve_checkpoint(
         return dest
     if info.hf_only:
         return resolve_hf_id(info.hf_id, download=download)
+    if info.manual:
+        raise FileNotFoundError(
+            f"checkpoint {info.name!r} is not in the cache and has no fixed download address: get "
+            f"{info.filename} from {info.url} (its README links the file) and save it as {dest} "
+            f"(set ANYSEG_HOME to use another cache directory than {dest.parent.parent}), "
+            "or pass the path of the file instead of a name."
+        )
 
     if not download or _offline():
         reason = "ANYSEG_OFFLINE is set" if _offline() else "download=False was given"

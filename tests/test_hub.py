@@ -429,3 +429,18 @@ def test_import_does_not_load_tqdm():
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=env)
     assert out.stdout.strip() == "False"
+
+
+def test_medsam_is_registered_for_placing_by_hand(home, monkeypatch):
+    """MedSAM has no fixed download address: a missing file says where to get it and where to save it,
+    even when downloads are allowed (nothing is fetched); a file put there by hand is used."""
+    info = hub.REGISTRY["medsam_vit_b"]
+    assert info.manual and info.filename == "medsam_vit_b.pth" and "bowang-lab/MedSAM" in info.url
+    monkeypatch.delenv("ANYSEG_OFFLINE", raising=False)
+    dest = hub.checkpoints_dir() / "medsam_vit_b.pth"
+    with pytest.raises(FileNotFoundError) as err:
+        hub.resolve_checkpoint("medsam_vit_b", download=True)
+    assert str(dest) in str(err.value) and info.url in str(err.value)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(b"placed by hand")
+    assert hub.resolve_checkpoint("medsam_vit_b") == dest

@@ -361,19 +361,12 @@ MEDSAM_FILE = "medsam_vit_b.pth"
 def load_medsam(name_or_path=MEDSAM_NAME, device=None):
     """Load MedSAM (a SAM ViT-B state dict) marked for MedSAM's preprocessing (``model.input_preprocessing``).
 
-    ``"medsam_vit_b"`` names ``$ANYSEG_HOME/checkpoints/medsam_vit_b.pth``: the MedSAM authors publish the
-    file on a file-sharing page rather than at a fixed download address, so it is placed there by hand (the
-    error says where); a path to the file works too."""
+    ``"medsam_vit_b"`` is the registry name (:data:`anyseg.hub.REGISTRY`) of
+    ``$ANYSEG_HOME/checkpoints/medsam_vit_b.pth``: the MedSAM authors publish the file on a file-sharing
+    page rather than at a fixed download address, so it is placed there by hand (the error says where);
+    a path to the file works too."""
     from ..checkpoint import load_model
-    from ..hub import checkpoints_dir
 
-    path = name_or_path
-    if str(name_or_path) == MEDSAM_NAME:
-        path = checkpoints_dir() / MEDSAM_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"MedSAM's checkpoint is not in the cache: download {MEDSAM_FILE} from the MedSAM "
-                                    f"project (github.com/bowang-lab/MedSAM, 'model checkpoint') and save it as {path}, "
-                                    "or pass the path of the file")
-    model = load_model(path, device=device)
+    model = load_model(name_or_path, device=device)
     model.input_preprocessing = "medsam"
     return model
