@@ -1,5 +1,6 @@
 """The data-engine routes: the served models and switching between them, auto-label proposals (the
 semi-automatic stage) and the effort / provenance statistics of the accepted objects."""
+import threading
 import time
 from typing import Callable, List, Optional
 
@@ -16,6 +17,8 @@ def add_loop_routes(app, engine, store, catalog, auth: List, make_decoder: Calla
     from .formats import encode_masks, mask_record
     from .models import UnknownModelError
     from .schemas import AutoLabelRequest, AutoLabelResponse, ModelInfo, ModelSwitchRequest, Proposal, Stats
+
+    switching = threading.Lock()
 
     def loaded_info() -> ModelInfo:
         model = engine.model
@@ -45,12 +48,12 @@ def add_loop_routes(app, engine, store, catalog, auth: List, make_decoder: Calla
         if model_family(model) != engine.family:
             raise ValueError(f"{body.name!r} is a {model_family(model)} model but this server runs {engine.family} "
                              "models: switching between model families needs a restart")
-        # The page's decoder graphs follow: a new export starts (or is found on disk) before the switch,
-        # so GET /decoder never describes graphs of another model than the one that decodes.
-        decoder = make_decoder(model)
-        engine.switch(model, body.name)
-        app.state.decoder = decoder
-        return loaded_info()
+        with switching:  # one switch at a time, so that the decoder graphs and the model stay a pair
+            # The page's decoder graphs follow: a new export starts (or is found on disk) with the switch.
+            decoder = make_decoder(model)
+            engine.switch(model, body.name)
+            app.state.decoder = decoder
+            return loaded_info()
 
     # ------------------------------------------------------------------------------- auto-label
     @app.post(f"{API}/images/{{image_id}}/auto-label", response_model=AutoLabelResponse, tags=["images"],
