@@ -186,6 +186,8 @@ def test_bad_ray_options_say_what_was_expected(tmp_path, folder, capsys):
     assert "expected a number >= 0" in capsys.readouterr().err
     status = main(["auto", str(folder), "-o", "s3://bucket/out", "--ray", *NANO_ARGS])
     assert status == 2 and "not to a URI" in capsys.readouterr().err
+    status = main(["auto", str(folder), "-o", str(tmp_path / "o"), "--ray", *NANO_ARGS, "-m", str(tmp_path / "x.pth")])
+    assert status == 2 and "checkpoint file not found" in capsys.readouterr().err
 
 
 def test_ray_matches_local_mode_on_a_golden_checkpoint(ray_cluster, folder, golden_dir, tmp_path, capsys):

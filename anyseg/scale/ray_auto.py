@@ -211,6 +211,19 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _actor_init_failure(exc: BaseException) -> str:
+    """The error line of a model actor whose constructor raised (bad model or option), else ''."""
+    seen = set()
+    cur: Optional[BaseException] = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if getattr(cur, "actor_init_failed", False) or "creation task" in str(cur):
+            lines = [ln.strip() for ln in str(cur).splitlines() if "Error: " in ln]
+            return lines[-1] if lines else str(cur).splitlines()[0]
+        cur = cur.__cause__ or cur.__context__
+    return ""
+
+
 def run_ray(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -222,6 +235,12 @@ def run_ray(args: argparse.Namespace) -> int:
                          f"system mounted at the same path on every node), not to a URI")
     if args.gpus_per_worker > 0 and args.device == "cpu":
         raise ValueError("--gpus-per-worker with --device cpu: drop one of them")
+    from ..hub import _looks_like_path
+
+    model = str(args.model)
+    if _looks_like_path(model) and not str(args.ray).startswith("ray://") and not Path(model).expanduser().is_file():
+        # caught here rather than in every actor; a Ray Client driver may not see the workers' files
+        raise FileNotFoundError(f"checkpoint file not found: {model} (with --ray, every node needs it at this path)")
     items = sources.plan_sources(args.inputs, outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     outdir = outdir.resolve()
@@ -310,7 +329,7 @@ def _run_pipeline(args, outdir: Path, todo, failed: List[str], tqdm) -> tuple:
         by_index = {s.job.index: s for s in todo}
         processed = masks_total = 0
         started = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=f"segment everything (Ray, {workers} workers)", unit="image",
+        bar = tqdm(total=len(todo), desc=f"segment everything (Ray, {workers} worker{'s' * (workers > 1)})", unit="image",
                    disable=quiet, file=sys.stderr)
         try:
             for row in ds.iter_rows():
@@ -329,6 +348,9 @@ def _run_pipeline(args, outdir: Path, todo, failed: List[str], tqdm) -> tuple:
             cause = _unwrap(exc)
             if cause is not exc:
                 raise cause from exc
+            failure = _actor_init_failure(exc)
+            if failure:
+                raise ValueError(f"the model workers could not start: {failure}") from exc
             raise
         finally:
             bar.close()
