@@ -51,7 +51,8 @@ Record = Dict[str, Any]
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 DEFAULT_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
-_FIELDS = ("area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box")
+_FIELDS = ("area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box",
+           "score", "category_id", "label")  # the last three: concept labelling (SAM 3), when present
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def _fields(record: Record, rle: Dict[str, Any]) -> Dict[str, Any]:
     if "bbox" not in out:  # the generator's convention: W = last column - first column
         x, y, w, h = _coco_box(rle)
         out["bbox"] = [x, y, max(w - 1, 0), max(h - 1, 0)]
-    return out
+    return {k: out[k] for k in _FIELDS if k in out}  # one key order, computed or read back
 
 
 def _coco_box(rle: Dict[str, Any]) -> List[int]:
@@ -265,7 +266,8 @@ class CocoBuilder:
         segmentation: ``"rle"`` (COCO compressed RLE, lossless) or ``"polygon"`` (flat pixel-corner
             polygons; holes are joined by zero-width bridges, see :func:`anyseg.polygons.to_coco_segmentation`).
         tolerance: Douglas-Peucker tolerance in pixels for polygons (``0`` keeps the exact boundary).
-        categories: COCO categories; every mask gets the first one's id (class-agnostic masks).
+        categories: COCO categories; a mask gets its record's ``category_id`` when it has one (concept
+            labelling), else the first category's id (class-agnostic masks).
         info: optional COCO ``info`` dict.
 
     Annotation boxes are COCO's (XYWH, ``W`` and ``H`` count pixels), computed from the masks.
@@ -303,6 +305,7 @@ class CocoBuilder:
             self.annotations.pop(old["id"], None)
         self.images[file_name] = {"id": image_id, "file_name": file_name, "width": w, "height": h}
         anns = []
+        known = {c["id"] for c in self.categories}
         for record in records:
             rle = to_coco_rle(record["segmentation"])
             fields = _fields(record, rle)
@@ -314,9 +317,13 @@ class CocoBuilder:
             else:
                 seg = rle
             fields["bbox"] = _coco_box(rle)  # W, H count pixels, unlike the generator's
-            ann = {"id": self._next_ann_id, "image_id": image_id, "category_id": self.categories[0]["id"],
+            category = fields.pop("category_id", self.categories[0]["id"])
+            fields.pop("label", None)  # the category's name says it
+            if category not in known:
+                raise ValueError(f"record category_id {category!r} is not one of the categories {sorted(known)}")
+            ann = {"id": self._next_ann_id, "image_id": image_id, "category_id": category,
                    "segmentation": seg, "iscrowd": 0, **fields}
-            if "predicted_iou" in fields:
+            if "predicted_iou" in fields and "score" not in fields:
                 ann["score"] = fields["predicted_iou"]
             anns.append(ann)
             self._next_ann_id += 1

@@ -46,7 +46,15 @@ examples:
   anyseg auto big.tif -o out/ --crop-n-layers 1 --crop-n-points-downscale-factor 2 \\
       --min-mask-region-area 100 --points-per-batch 128 --device cuda
   anyseg auto photos/ -o masks/ --model sam2.1_hiera_tiny.pt --use-m2m
-  anyseg auto photos/ -o masks/      # run again: finished images are skipped"""
+  anyseg auto photos/ -o masks/      # run again: finished images are skipped
+  anyseg auto shelves/ -o labels/ --model sam3 --text "green vegetables. red apple" --format coco,png"""
+
+CONCEPT_HELP = """\
+with a SAM 3 model (--model sam3 or a sam3.pt file), --text "PHRASE[. PHRASE...]" labels by concept
+instead of segmenting everything: every instance of each phrase, with its score; the COCO file has the
+phrases as categories (ids 1, 2, ... in the order given), the SA-1B and polygons JSON carry score,
+category_id and label per mask, YOLO lines the class (category_id - 1). The generator options do not
+apply. Resumable as above (the phrases and the threshold are part of the settings); not with --ray."""
 
 
 def _positive_int(text: str) -> int:
@@ -138,6 +146,11 @@ def register(subparsers) -> None:
                        help="SAM 2 only: one mask per point instead of three (multimask_output=False)")
     group.add_argument("--hq-token-only", action="store_true",
                        help="HQ-SAM only: each point's HQ-token mask alone instead of the best SAM mask plus it")
+    concept = parser.add_argument_group("concept labelling (SAM 3 models)", CONCEPT_HELP)
+    concept.add_argument("--text", default=None, metavar="PHRASES",
+                         help="phrases separated by '.': label every instance of each (SAM 3 models)")
+    concept.add_argument("--concept-threshold", type=_unit_float, default=0.5, metavar="P",
+                         help="keep instances whose score exceeds P (default 0.5, as SAM 3)")
     add_model_arguments(parser)
     from ..scale import add_ray_arguments  # no Ray import: only the --ray options
 
@@ -225,6 +238,11 @@ def output_files(base: str, formats: Sequence[str], overlay: bool) -> List[str]:
 
 # --------------------------------------------------------------------------------------- per image
 def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    if getattr(args, "text", None) is not None:  # concept labelling: the generator options do not apply
+        from .sam3_text import auto_phrases
+
+        return {"model": str(args.model), "phrases": auto_phrases(args.text),
+                "concept_threshold": args.concept_threshold, "polygon_tolerance": args.polygon_tolerance}
     settings = {dest: getattr(args, dest) for _, dest, *_ in GENERATOR_OPTIONS}
     settings.update(model=str(args.model), polygon_tolerance=args.polygon_tolerance, use_m2m=args.use_m2m,
                     multimask_output=not args.single_mask)
@@ -286,7 +304,7 @@ def _write_outputs(outdir: Path, job: Job, image, records, args) -> List[str]:
     if "polygons" in args.formats:
         data = to_polygons_json(records, tolerance=args.polygon_tolerance, **info)
         write_json_atomic(outdir / f"{job.base}_polygons.json", data)
-        lines = [to_yolo_seg_line(0, ann["polygons"], w, h) for ann in data["annotations"]]
+        lines = [to_yolo_seg_line(ann.get("category_id", 1) - 1, ann["polygons"], w, h) for ann in data["annotations"]]
         write_bytes_atomic(outdir / f"{job.base}_yolo.txt", "".join(f"{x}\n" for x in lines if x).encode())
     if not args.no_overlay:
         write_png_atomic(outdir / f"{job.base}_overlay.png", _draw_overlay(image, records))
@@ -304,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
 
     args.formats = sorted({f for group in (args.formats or [["sa1b"]]) for f in group}, key=FORMATS.index)
     if getattr(args, "ray", None) is not None:  # the same job on a Ray cluster (Ray imported only there)
+        if getattr(args, "text", None) is not None:
+            raise ValueError("--text (concept labelling with SAM 3) does not run with --ray yet: leave out --ray")
         from ..scale import run as run_on_ray
 
         return run_on_ray(args)
@@ -311,8 +331,13 @@ def run(args: argparse.Namespace) -> int:
     jobs = plan_jobs(args.inputs, outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     settings = _settings(args)
-    coco = CocoBuilder(segmentation=args.coco_segmentation, tolerance=args.polygon_tolerance) \
-        if "coco" in args.formats else None
+    categories = None
+    if args.text is not None:
+        from .sam3_text import concept_categories
+
+        categories = concept_categories(settings["phrases"])
+    coco = CocoBuilder(segmentation=args.coco_segmentation, tolerance=args.polygon_tolerance,
+                       categories=categories) if "coco" in args.formats else None
     generator = None
     processed = skipped = 0
     failed: List[str] = []
@@ -320,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     def report(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
-    bar = tqdm(jobs, desc="segment everything", unit="image", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(jobs, desc="segment everything" if args.text is None else "label by concept", unit="image", disable=args.no_progress, file=sys.stderr)
     try:
         for job in bar:
             files = output_files(job.base, args.formats, not args.no_overlay)
@@ -376,6 +401,17 @@ def _make_generator(args: argparse.Namespace):
 
     model = load_model_from_args(args)
     family = model_family(model)
+    if family == "sam3" or args.text is not None:
+        from .sam3_text import ConceptLabeler
+
+        if family != "sam3":
+            raise ValueError(f"--text in anyseg auto labels by concept with a SAM 3 model (--model sam3); "
+                             f"{args.model} is a {_FAMILY_NAMES.get(family, family)} model")
+        if args.text is None:
+            raise ValueError(f"{args.model} is a SAM 3 model: it labels by concept, give --text \"PHRASE[. PHRASE...]\"")
+        if args.use_m2m or args.single_mask or args.hq_token_only:
+            raise ValueError("--use-m2m, --single-mask and --hq-token-only do not apply to --text (SAM 3)")
+        return ConceptLabeler(model, _settings(args)["phrases"], args.concept_threshold)
     options = {dest: getattr(args, dest) for _, dest, *_ in GENERATOR_OPTIONS}
     for dest, defaults in FAMILY_DEFAULTS.items():
         if options[dest] is None:

@@ -92,3 +92,48 @@ def run_sam3_segment(args: argparse.Namespace, model) -> int:
     counts = ", ".join(f"{p}: {sum(i['label'] == p for i in instances)}" for p in phrases) or f"{len(instances)}"
     print(f"found {counts}; wrote {len(instances)} mask(s) to {out}", file=sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------------------ anyseg auto --text
+class ConceptLabeler:
+    """``anyseg auto --text`` with a SAM 3 model: ``generate(image)`` returns the records of every
+    instance of every phrase (the image encoded once, each phrase's text encoding computed once for
+    the whole run), phrase by phrase in query order, as ``anyseg auto`` writes them: ``segmentation``
+    (COCO RLE), ``area``, ``score``, ``category_id`` (1 + the phrase's index) and ``label`` (the phrase)."""
+
+    def __init__(self, model, phrases: List[str], confidence_threshold: float = 0.5) -> None:
+        from ..sam3_processor import Sam3Processor
+
+        if not phrases:
+            raise ValueError("give at least one phrase")
+        self.phrases = list(phrases)
+        self.processor = Sam3Processor(model, resolution=model.image_size, confidence_threshold=confidence_threshold)
+
+    def generate(self, image) -> List[dict]:
+        from ..formats import to_coco_rle
+
+        state = self.processor.set_image(image)
+        records = []
+        for k, phrase in enumerate(self.phrases):
+            result = self.processor.segment(text=phrase, state=state)
+            for mask, score in zip(result.masks, result.scores):
+                records.append({"segmentation": to_coco_rle(mask), "area": int(mask.sum()), "score": float(score),
+                                "category_id": k + 1, "label": phrase})
+        state.clear()
+        return records
+
+
+def concept_categories(phrases: List[str]) -> List[dict]:
+    """COCO categories for ``anyseg auto --text``: one per phrase, ids from 1 in the phrases' order."""
+    return [{"id": k + 1, "name": phrase, "supercategory": "object"} for k, phrase in enumerate(phrases)]
+
+
+def auto_phrases(text: str) -> List[str]:
+    """The phrases of ``anyseg auto --text`` (checked: at least one, no repeats)."""
+    phrases = split_phrases(text)
+    if not phrases:
+        raise ValueError(f"--text {text!r} holds no phrase (phrases are separated by '.')")
+    repeated = sorted({p for p in phrases if phrases.count(p) > 1})
+    if repeated:
+        raise ValueError(f"--text names {', '.join(map(repr, repeated))} more than once")
+    return phrases
