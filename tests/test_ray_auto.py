@@ -87,16 +87,21 @@ def ray_cluster(tmp_path_factory):
             raise RuntimeError(f"ray start --head failed:\n{(temp / 'head.log').read_text()[-3000:]}")
         time.sleep(0.5)
     address = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(address=address, log_to_driver=False)
     try:
         yield address, head
     finally:
         ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
         processes = _descendants(head.pid)  # actors run in their own sessions: stop them by id too
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(15)
+            head.wait(5)
         except subprocess.TimeoutExpired:
             pass
         for pid in processes | {head.pid}:
