@@ -15,9 +15,12 @@ padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
   cache:tf   the cache+js decoder graph stopped after the two-way transformer (the upscaling network
              replaced by a tiny stand-in): with cache+js, the time split between the transformer and
              the upscaling (network and JavaScript).
-  approx+js  the labelling app's default graph (``anyseg serve --page-graph approximate``,
-             ``anyseg.server.page_decoder``): cache+js with the three candidates only and the
-             upscaling network's two products in int8; ``cache+js`` is the ``exact`` setting.
+  approx+js  what the labelling app runs for a click by default (``anyseg serve --page-graph
+             approximate``, ``anyseg.server.page_decoder``): cache+js with the three candidates only,
+             the upscaling network's two products in int8, and no mask inputs (the page's graph for
+             prompts without a mask prompt). ``cache+js`` is the ``exact`` setting's graph with the
+             mask inputs.
+  approx:mask the approximate graph with the mask inputs, which the page runs for a refining click.
 
 With a golden checkpoint (the default), the approximate graph is also run in the page on the golden
 image embeddings and every golden predictor prompt, and its candidates (upscaled as the page does)
@@ -328,7 +331,8 @@ def main(argv=None) -> int:
               "fast+js": ("decoder-fast-lowres.onnx", None),
               "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache.onnx"),
               "cache:tf": ("decoder-transformer-only.onnx", "decoder-cache.onnx"),
-              "approx+js": ("decoder-page-approximate.onnx", "decoder-cache.onnx")}
+              "approx+js": ("decoder-page-approximate-nomask.onnx", "decoder-cache.onnx"),
+              "approx:mask": ("decoder-page-approximate.onnx", "decoder-cache.onnx")}
     if args.graphs:
         wanted = args.graphs.split(",")
         unknown = set(wanted) - set(graphs)
@@ -344,7 +348,8 @@ def main(argv=None) -> int:
         for kind, options in exports.items():
             if kind in graphs:
                 export_decoder(model, work / graphs[kind][0], **options)
-        SamPageGraphs.export(model, work / "decoder-page-approximate.onnx", work / "decoder-cache.onnx", "approximate")
+        SamPageGraphs.export(model, work / "decoder-page-approximate.onnx", work / "decoder-cache.onnx", "approximate",
+                             work / "decoder-page-approximate-nomask.onnx")
     dims = dict(height=height, width=width, side=int(model.img_size), grid=int(model.config.embedding_size),
                 dim=int(model.prompt_encoder.embed_dim))
 
@@ -383,11 +388,11 @@ def main(argv=None) -> int:
 
     print(f"\ndecoder, one click, masks at {height}x{width}: {Path(args.checkpoint).name}, "
           f"{args.repeats} repeats, {os.cpu_count()} CPUs")
-    print(f"{'runtime':<24} {'graph':<9} {'threads':>7} {'median ms':>10} {'best ms':>8}")
+    print(f"{'runtime':<24} {'graph':<11} {'threads':>7} {'median ms':>10} {'best ms':>8}")
     for runtime, kind, threads, times in rows:
-        print(f"{runtime:<24} {kind:<9} {threads:>7} {statistics.median(times):>10.1f} {min(times):>8.1f}")
+        print(f"{runtime:<24} {kind:<11} {threads:>7} {statistics.median(times):>10.1f} {min(times):>8.1f}")
     if quality:
-        print(f"\napprox+js against the server's float32 decode ({quality['prompts']} golden prompts, 3 candidates "
+        print(f"\nthe approximate graph against the server's float32 decode ({quality['prompts']} golden prompts, 3 candidates "
               f"each, run in the page): mask IoU worst {quality['worst']:.4f}, mean {quality['mean']:.4f}; "
               f"scores within {quality['score_err']:.1e}")
     else:

@@ -59,16 +59,19 @@ def page_graphs(request, manifest, golden_dir, tmp_path_factory):
     model = anyseg.load_model(golden_dir / entry["checkpoint"], device="cpu")
     out = tmp_path_factory.mktemp(f"page-{request.param}")
     with torch.no_grad():
-        SamPageGraphs.export(model, out / "decoder.onnx", out / "cache.onnx", "approximate")
-    return model, entry, _session(out / "decoder.onnx"), _session(out / "cache.onnx")
+        SamPageGraphs.export(model, out / "decoder.onnx", out / "cache.onnx", "approximate", out / "nomask.onnx")
+    return model, entry, _session(out / "decoder.onnx"), _session(out / "cache.onnx"), _session(out / "nomask.onnx")
 
 
 @pytest.mark.slow
 def test_approximate_graph_masks_match_the_float32_decode(page_graphs, golden_dir):
     """The three candidates the page shows, for every prompt of every golden predictor case (both
     images): mask IoU >= 0.98 against the server's float32 decode of the same prompt (multimask, as
-    the page asks the server), scores within 1e-3."""
-    model, entry, decoder, cache = page_graphs
+    the page asks the server), scores within 1e-3. The graph for prompts without a mask prompt gives
+    what the full graph gives for them."""
+    model, entry, decoder, cache, nomask = page_graphs
+    assert {i.name for i in decoder.get_inputs()} - {i.name for i in nomask.get_inputs()} == {
+        "mask_input", "has_mask_input"}
     predictor = anyseg.SamPredictor(model)
     names = {i.name for i in decoder.get_inputs()}
     assert [o.name for o in decoder.get_outputs()] == ["iou_predictions", "low_res_masks"]
@@ -89,6 +92,10 @@ def test_approximate_graph_masks_match_the_float32_decode(page_graphs, golden_di
                 feeds = {**image, **_page_feeds(points, labels, box, mask_input, original)}
                 scores, low = decoder.run(None, {k: v for k, v in feeds.items() if k in names})
                 assert low.shape == (1, 3, 256, 256)
+                if mask_input is None:
+                    nomask_scores, nomask_low = nomask.run(None, {i.name: feeds[i.name] for i in nomask.get_inputs()})
+                    np.testing.assert_allclose(nomask_scores, scores, atol=1e-4, rtol=0)
+                    assert ((nomask_low > 0) != (low > 0)).mean() < 1e-3
                 masks = model.postprocess_masks(torch.from_numpy(low), input_size, original)[0].numpy() > 0
                 np.testing.assert_allclose(scores[0], want_scores, atol=1e-3, rtol=0)
                 for got, ref in zip(masks, want):
@@ -117,6 +124,8 @@ def test_page_graph_setting(golden_dir, tmp_path):
     assert "anyseg.quantized" not in meta
     assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.graph.node)
     assert exact.describe(model)["outputs"]["low_res_masks"].startswith("1x4x")
+    assert {i.name for i in _session(exact.nomask_path).get_inputs()} == {
+        "image_keys", "image_key_proj", "image_value_proj", "image_query_proj", "point_coords", "point_labels"}
     # The exact graph's logits are the decoder's to float32 rounding.
     predictor = anyseg.SamPredictor(model)
     golden = np.load(golden_dir / "mobilesam_dog_predictor.npz")
@@ -138,6 +147,7 @@ def test_page_graph_setting(golden_dir, tmp_path):
     meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["anyseg.num_masks"] == "3" and meta["anyseg.quantized"] == "int8-upscaling"
     assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 2
+    assert approximate.nomask_path.is_file() and approximate.nomask_path != exact.nomask_path
     assert approximate.describe(model)["outputs"]["low_res_masks"].startswith("1x3x")
 
 

@@ -25,6 +25,10 @@ Graph outputs
 ``return_single_mask``, or 3 with ``multimask_only`` (outputs 1..3 only: the single-mask token is
 not decoded, which is all the labelling app shows).
 
+With ``mask_prompt=False`` (with ``image_cache``) the graph takes no ``mask_input`` /
+``has_mask_input``: it decodes prompts without a mask prompt only, the same function as the full
+graph with ``has_mask_input = 0``, with less work (no mask features, no mask term in the first block).
+
 With ``upscale_masks=False`` the graph stops at the low-res logits: its outputs are
 ``iou_predictions`` and ``low_res_masks`` only and it takes no ``orig_im_size``. The caller upscales
 the masks it shows (the labelling app does so in JavaScript, for the one candidate on screen), which
@@ -114,12 +118,18 @@ class SamOnnxDecoder(nn.Module):
             :class:`SamOnnxDecoderCache` (``CACHE_OUTPUTS``) instead of ``image_embeddings``.
         multimask_only: (with ``fast``) return the three multimask outputs only (``k = 3``): the
             single-mask token skips the final attention, its hypernetwork and the mask product.
+        mask_prompt: (False needs ``image_cache``) take ``mask_input`` and ``has_mask_input``; without
+            them the graph decodes prompts without a mask prompt only.
     """
 
     def __init__(self, model, *, return_single_mask: bool = False, use_stability_score: bool = False,
                  gelu_approximate: bool = False, stability_score_offset: float = 1.0, fast: bool = False,
-                 upscale_masks: bool = True, image_cache: bool = False, multimask_only: bool = False) -> None:
+                 upscale_masks: bool = True, image_cache: bool = False, multimask_only: bool = False,
+                 mask_prompt: bool = True) -> None:
         super().__init__()
+        if not mask_prompt and not image_cache:
+            raise ValueError("mask_prompt=False needs image_cache=True")
+        self.mask_prompt = bool(mask_prompt)
         if image_cache and not fast:
             raise ValueError("image_cache=True needs fast=True (the faithful graph has no per-image cache)")
         if multimask_only and (not fast or return_single_mask):
@@ -172,7 +182,7 @@ class SamOnnxDecoder(nn.Module):
             keys, kh0, vh0, q0 = image
             size = tuple(int(v) for v in self.prompt_encoder.image_embedding_size)
             fast.cache = ImageCache(None, size, None, self.pe_tokens, keys, kh0, vh0, q0)
-            hidden = self.prompt_encoder.mask_features(mask_input)
+            hidden = None if mask_input is None else self.prompt_encoder.mask_features(mask_input)
             if self.multimask_only:
                 # The final attention for the IoU token and mask tokens 1..m-1 only (token 0 is skipped).
                 queries, tokens, image_tokens = fast.transformer(sparse, mask_hidden=hidden,
@@ -219,6 +229,8 @@ class SamOnnxDecoder(nn.Module):
         point_coords, point_labels, mask_input, has_mask_input[, orig_im_size])``, see the module docs."""
         n_image = len(CACHE_OUTPUTS) if self.image_cache else 1
         image, args = args[:n_image], args[n_image:]
+        if not self.mask_prompt:
+            args = args[:2] + (None, None) + args[2:]
         point_coords, point_labels, mask_input, has_mask_input = args[:4]
         orig_im_size = args[4] if len(args) > 4 else None
         sparse = self._embed_points(point_coords, point_labels)
@@ -295,21 +307,22 @@ def export_decoder_cache(model, path: PathLike, *, opset: int = 17) -> Path:
 
 def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask: bool = False,
                    gelu_approximate: bool = False, use_stability_score: bool = False, fast: bool = False,
-                   upscale_masks: bool = True, image_cache: bool = False, multimask_only: bool = False) -> Path:
+                   upscale_masks: bool = True, image_cache: bool = False, multimask_only: bool = False,
+                   mask_prompt: bool = True) -> Path:
     """Export the prompt encoder + mask decoder of ``model`` to the ONNX file ``path``.
 
     Inputs / outputs are those of the module docstring (the names of the reference SAM ONNX
     model; with ``image_cache`` the outputs of :func:`export_decoder_cache`'s graph in place of
     ``image_embeddings``).
     Returns the written path. Raises ``ValueError`` for an opset outside ``[13, 20]``, a path not
-    ending in ``.onnx``, ``image_cache`` without ``fast``, or ``multimask_only`` without ``fast`` or
-    with ``return_single_mask``.
+    ending in ``.onnx``, ``image_cache`` without ``fast``, ``multimask_only`` without ``fast`` or
+    with ``return_single_mask``, or ``mask_prompt=False`` without ``image_cache``.
     """
     check_opset(opset)
     wrapper = SamOnnxDecoder(model, return_single_mask=return_single_mask,
                              use_stability_score=use_stability_score, gelu_approximate=gelu_approximate,
                              fast=fast, upscale_masks=upscale_masks, image_cache=image_cache,
-                             multimask_only=multimask_only)
+                             multimask_only=multimask_only, mask_prompt=mask_prompt)
     dynamic_axes = {
         "point_coords": {1: "num_points"},
         "point_labels": {1: "num_points"},
@@ -323,6 +336,9 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
     if image_cache:
         inputs = CACHE_OUTPUTS + inputs[1:]
         example = example_cache_inputs(model, example[0]) + example[1:]
+    if not mask_prompt:
+        keep = [i for i, name in enumerate(inputs) if name not in ("mask_input", "has_mask_input")]
+        inputs, example = tuple(inputs[i] for i in keep), tuple(example[i] for i in keep)
     num_masks = wrapper.mask_decoder.num_mask_tokens
     if return_single_mask:
         num_masks = 1
@@ -341,6 +357,7 @@ def export_decoder(model, path: PathLike, *, opset: int = 17, return_single_mask
         "anyseg.upscale_masks": str(int(upscale_masks)),
         "anyseg.image_cache": str(int(image_cache)),
         "anyseg.multimask_only": str(int(multimask_only)),
+        "anyseg.mask_prompt": str(int(mask_prompt)),
         "anyseg.num_masks": str(num_masks),
     }
     with torch.no_grad():

@@ -96,9 +96,21 @@ async def _send_json(send, status: int, payload: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(model, settings: Optional[ServerSettings] = None):
-    """The ASGI app serving ``model`` (a SAM 1 or SAM 2 model from :func:`anyseg.load_model`) with ``settings``."""
+def create_app(model, settings: Optional[ServerSettings] = None, *, concept_model=None,
+               concept_model_name: str = "sam3"):
+    """The ASGI app serving ``model`` (a SAM 1 or SAM 2 model from :func:`anyseg.load_model`) with ``settings``.
+
+    ``concept_model``: a SAM 3 model that answers concept prompts (``POST /images/{id}/concept``: every
+    instance of a phrase) next to ``model``, which decodes clicks; ``concept_model_name`` names it in
+    the answers."""
     _require_fastapi()
+    from ..protocol import model_family
+
+    if model_family(model) == "sam3":
+        raise ValueError("a SAM 3 model answers concept prompts next to a SAM 1 / SAM 2 model that decodes clicks: "
+                         "serve e.g. --model vit_b --concept-model sam3")
+    if concept_model is not None and model_family(concept_model) != "sam3":
+        raise ValueError(f"the concept model must be a SAM 3 model, got a {model_family(concept_model)} model")
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -192,6 +204,7 @@ def create_app(model, settings: Optional[ServerSettings] = None):
             status=decoder.status, reason=decoder.reason, opset=DECODER_OPSET,
             url=f"{API}/decoder.onnx" if decoder.status == "ready" else None,
             cache_url=f"{API}/decoder-cache.onnx" if decoder.status == "ready" else None,
+            nomask_url=f"{API}/decoder-nomask.onnx" if decoder.status == "ready" else None,
             runtime_url="/static/ort/ort.wasm.min.mjs" if runtime.is_file() else None,
             img_size=int(model.img_size), mask_side=int(engine.mask_input_size), graph=decoder.graph,
             **decoder.describe(model),
@@ -217,6 +230,12 @@ def create_app(model, settings: Optional[ServerSettings] = None):
              responses=onnx_file)
     def decoder_cache_graph():
         return _graph_file("cache_path", "decoder-cache.onnx")
+
+    @app.get(f"{API}/decoder-nomask.onnx", tags=["browser decoder"], dependencies=auth,
+             summary="the decoder graph for prompts without a mask prompt (ONNX)", response_class=FileResponse,
+             responses=onnx_file)
+    def decoder_nomask_graph():
+        return _graph_file("nomask_path", "decoder-nomask.onnx")
 
     # ------------------------------------------------------------------------------------- folder
     def _folder() -> ImageFolder:
@@ -274,6 +293,11 @@ def create_app(model, settings: Optional[ServerSettings] = None):
 
     catalog = ModelCatalog(settings.model_name, model, settings.models_dir)
     add_loop_routes(app, engine, store, catalog, auth, make_decoder)
+    from .api_concept import ConceptFinder, add_concept_routes
+
+    finder = ConceptFinder(concept_model, concept_model_name) if concept_model is not None else None
+    app.state.concept = finder
+    add_concept_routes(app, engine, store, finder, auth)
     from .api_videos import add_video_routes
 
     add_video_routes(app, model, engine, settings, auth)

@@ -43,7 +43,8 @@ class SamPageGraphs:
     The ``approximate`` decoder graph decodes the three multimask candidates only (``multimask_only``,
     the page never shows the single-mask output) and runs the upscaling network's two matrix products
     in int8 (:func:`anyseg.export.quantize.quantize_upscaling`); the ``exact`` one is the float32 graph
-    with all four outputs."""
+    with all four outputs. Each kind comes with a second decoder graph for prompts without a mask prompt
+    (``mask_prompt=False``: the page's first click on an object), the same function with less work."""
 
     @staticmethod
     def key(model) -> str:
@@ -60,19 +61,24 @@ class SamPageGraphs:
         return digest.hexdigest()
 
     @staticmethod
-    def export(snapshot, decoder_path: Path, cache_path: Path, graph: str = "approximate") -> None:
+    def export(snapshot, decoder_path: Path, cache_path: Path, graph: str = "approximate",
+               nomask_path: Optional[Path] = None) -> None:
+        """Write the decoder graph of kind ``graph``, the per-image graph and (given ``nomask_path``) the
+        decoder graph for prompts without a mask prompt."""
         from ..export import export_decoder, export_decoder_cache  # ImportError without the onnx extra
 
         options = dict(opset=DECODER_OPSET, fast=True, upscale_masks=False, image_cache=True)
-        if graph == "exact":
-            export_decoder(snapshot, decoder_path, **options)
-        else:
+        targets = [(decoder_path, True)] + ([] if nomask_path is None else [(nomask_path, False)])
+        for path, mask_prompt in targets:
+            if graph == "exact":
+                export_decoder(snapshot, path, mask_prompt=mask_prompt, **options)
+                continue
             from ..export.quantize import quantize_upscaling
 
-            plain = decoder_path.with_name(decoder_path.stem + "-float32.onnx")
+            plain = path.with_name(path.stem + "-float32.onnx")
             try:
-                export_decoder(snapshot, plain, multimask_only=True, **options)
-                quantize_upscaling(plain, decoder_path)
+                export_decoder(snapshot, plain, multimask_only=True, mask_prompt=mask_prompt, **options)
+                quantize_upscaling(plain, path)
             finally:
                 if plain.exists():
                     plain.unlink()
@@ -108,7 +114,7 @@ PAGE_GRAPHS = {"sam": SamPageGraphs}
 class DecoderExport:
     """The model's decoder as ONNX graphs for the browser, exported once in the background.
 
-    ``status`` is ``"exporting"``, ``"ready"`` (``path`` and ``cache_path`` are the files) or
+    ``status`` is ``"exporting"``, ``"ready"`` (``path``, ``nomask_path`` and ``cache_path`` are the files) or
     ``"unavailable"`` (``reason`` says why; the page then decodes on the server). Graphs are cached on
     disk by a hash of the decoder's weights, so a restart reuses the files. ``graph`` is one of
     :data:`PAGE_GRAPH_KINDS`.
@@ -121,6 +127,7 @@ class DecoderExport:
         self.status = "unavailable"
         self.reason = "the browser decoder is disabled (--no-browser-decoder)"
         self.path: Optional[Path] = None
+        self.nomask_path: Optional[Path] = None
         self.cache_path: Optional[Path] = None
         self._thread: Optional[threading.Thread] = None
         family = model_family(model)
@@ -140,8 +147,10 @@ class DecoderExport:
         kind = "fast-lowres-cached" if graph == "exact" else "page-approximate"
         self.target = self.directory / f"{stem}-{kind}.onnx"
         self.cache_target = self.directory / f"{stem}-image-cache.onnx"
-        if self.target.is_file() and self.cache_target.is_file():
-            self.status, self.reason, self.path, self.cache_path = "ready", "", self.target, self.cache_target
+        self.nomask_target = self.directory / f"{stem}-{kind}-nomask.onnx"
+        if self.target.is_file() and self.cache_target.is_file() and self.nomask_target.is_file():
+            self.status, self.reason = "ready", ""
+            self.path, self.cache_path, self.nomask_path = self.target, self.cache_target, self.nomask_target
             return
         self.status, self.reason = "exporting", "the decoder graph is being exported"
         # Export a CPU float32 copy, so that serving goes on with the original meanwhile.
@@ -163,14 +172,16 @@ class DecoderExport:
 
     def _run(self, snapshot) -> None:
         tag = f".tmp-{os.getpid()}-{threading.get_ident()}-"
-        tmp, cache_tmp = (t.with_name(tag + t.name) for t in (self.target, self.cache_target))
+        tmp, cache_tmp, nomask_tmp = (t.with_name(tag + t.name)
+                                      for t in (self.target, self.cache_target, self.nomask_target))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.graphs.export(snapshot, tmp, cache_tmp, self.graph)
-            # The per-image graph goes into place first: a decoder graph on disk means both are there.
+            self.graphs.export(snapshot, tmp, cache_tmp, self.graph, nomask_tmp)
+            # The other graphs go into place first: a decoder graph on disk means all three are there.
             os.replace(cache_tmp, self.cache_target)
+            os.replace(nomask_tmp, self.nomask_target)
             os.replace(tmp, self.target)
-            self.path, self.cache_path = self.target, self.cache_target
+            self.path, self.cache_path, self.nomask_path = self.target, self.cache_target, self.nomask_target
             self.status, self.reason = "ready", ""
             log.info("decoder graphs exported to %s", self.target.parent)
         except ImportError as exc:
@@ -179,6 +190,6 @@ class DecoderExport:
             log.warning("decoder export failed: %s", exc)
             self.status, self.reason = "unavailable", f"decoder export failed: {type(exc).__name__}: {exc}"
         finally:
-            for t in (tmp, cache_tmp):
+            for t in (tmp, cache_tmp, nomask_tmp):
                 if t.exists():
                     t.unlink()

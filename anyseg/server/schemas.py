@@ -57,6 +57,9 @@ class DecoderInfo(BaseModel):
     cache_url: Optional[str] = Field(None, description="where to fetch the per-image ONNX graph when ready: run "
                                      "once per image on its embedding, its outputs are the decoder graph's image "
                                      "inputs")
+    nomask_url: Optional[str] = Field(None, description="where to fetch the decoder graph for prompts without a "
+                                      "mask prompt when ready: the decoder graph's inputs less mask_input and "
+                                      "has_mask_input, the same outputs, less work per click")
     runtime_url: Optional[str] = Field(None, description="onnxruntime-web module served for the page, if installed")
     opset: int
     cache_inputs: Dict[str, str] = Field(default_factory=dict, description="per-image graph input names and shapes")
@@ -253,3 +256,42 @@ class Annotation(BaseModel):
 class AnnotationList(BaseModel):
     annotations: List[Annotation]
     persistent: bool = Field(..., description="whether changes are written to an annotations file")
+
+
+# ------------------------------------------------------------------------------ concept prompts (SAM 3)
+class ExemplarBox(_Strict):
+    xyxy: List[float] = Field(..., min_length=4, max_length=4, description="X0, Y0, X1, Y1 in image pixels")
+    positive: bool = Field(True, description="true: things like this; false: not like this")
+
+
+class ConceptRequest(_Strict):
+    text: Optional[str] = Field(None, max_length=500, description="one phrase, or several separated by '.' "
+                                "(each is its own concept); with only boxes, leave it out")
+    boxes: List[ExemplarBox] = Field([], max_length=32, description="exemplar boxes (applied with every phrase)")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep instances whose score exceeds this")
+    min_area: int = Field(0, ge=0, description="drop instances smaller than this many pixels")
+    overlap_thresh: float = Field(0.5, ge=0.0, le=1.0, description="hide instances whose area is covered by the "
+                                  "image's accepted objects at least this much (fraction of the instance)")
+    format: MaskFormat = "coco_rle"
+    polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0)
+
+
+class ConceptInstance(BaseModel):
+    phrase: str = Field(..., description="the phrase that found it ('exemplar' for boxes alone)")
+    score: float = Field(..., description="the instance's probability (query score x presence)")
+    box: List[float] = Field(..., description="the predicted box, XYXY pixels (not clipped)")
+    area: int
+    bbox: List[float] = Field(..., description="XYWH box of the mask")
+    mask: Any
+
+
+class ConceptResponse(BaseModel):
+    id: str
+    width: int
+    height: int
+    format: MaskFormat
+    model: str = Field(..., description="the SAM 3 model that found them (record it when accepting one)")
+    presence: Dict[str, float] = Field(..., description="per phrase: the probability that it is in the image")
+    instances: List[ConceptInstance] = Field(..., description="instances not yet accepted, highest score first")
+    hidden: int = Field(..., description="instances left out because accepted objects already cover them")
+    elapsed_ms: float

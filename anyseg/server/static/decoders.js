@@ -5,7 +5,8 @@
 // prompt; ServerDecoder asks the server. Prompts are in original-image pixels; the ONNX graph wants the
 // model frame (long side resized to the model's input size), so points are scaled here. The graph
 // returns low-res logits only; the candidates are upscaled here (upscaleLogits), as the model's
-// postprocessing does it.
+// postprocessing does it. A prompt without a mask prompt runs the server's second decoder graph
+// (nomask_url) when there is one: the same function without the mask inputs, less work per click.
 import { floatsToBase64, base64ToFloats, rleToMask, upscaleLogits } from './masks.js';
 import { getArrayBuffer, getJson, postJson } from './api.js';
 
@@ -36,11 +37,12 @@ export class ServerDecoder {
 }
 
 export class OnnxDecoder {
-  constructor(ort, session, cacheSession, info) {
+  constructor(ort, session, cacheSession, info, nomaskSession = null) {
     this.name = 'onnx';
     this.ort = ort;
     this.session = session;
     this.cacheSession = cacheSession;
+    this.nomaskSession = nomaskSession;
     this.imgSize = info.img_size;
     this.side = info.mask_side;
     this.images = new Map(); // image id -> promise of the decoder graph's image inputs (ort.Tensor by name), most recent few
@@ -52,8 +54,9 @@ export class OnnxDecoder {
     // Threads need cross-origin isolation, which the server's COOP / COEP headers provide.
     ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
     const open = async (url) => ort.InferenceSession.create(await getArrayBuffer(url), { executionProviders: ['wasm'] });
-    const [session, cacheSession] = await Promise.all([open(info.url), open(info.cache_url)]);
-    return new OnnxDecoder(ort, session, cacheSession, info);
+    const [session, cacheSession, nomaskSession] = await Promise.all([
+      open(info.url), open(info.cache_url), info.nomask_url ? open(info.nomask_url) : null]);
+    return new OnnxDecoder(ort, session, cacheSession, info, nomaskSession);
   }
 
   // Fetch the image embedding and run the per-image graph on it, once per image (a click while that is
@@ -96,10 +99,15 @@ export class OnnxDecoder {
       ...imageInputs,
       point_coords: new Tensor('float32', Float32Array.from(coords), [1, n, 2]),
       point_labels: new Tensor('float32', Float32Array.from(labels), [1, n]),
-      mask_input: new Tensor('float32', maskInput || new Float32Array(side * side), [1, 1, side, side]),
-      has_mask_input: new Tensor('float32', Float32Array.from([maskInput ? 1 : 0]), [1]),
     };
-    const out = await this.session.run(feeds);
+    let session = this.session;
+    if (maskInput || !this.nomaskSession) {
+      feeds.mask_input = new Tensor('float32', maskInput || new Float32Array(side * side), [1, 1, side, side]);
+      feeds.has_mask_input = new Tensor('float32', Float32Array.from([maskInput ? 1 : 0]), [1]);
+    } else {
+      session = this.nomaskSession;
+    }
+    const out = await session.run(feeds);
     const low = out.low_res_masks;
     const k = low.dims[1];
     const lowSide = low.dims[2] * low.dims[3];
