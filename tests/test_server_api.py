@@ -403,7 +403,9 @@ def test_exported_decoder_graph_matches_server_decoding(server, dog, model):
                              json={"points": points.tolist(), "labels": [1, 0], "format": "coco_rle"}).json()
     for k, got in zip(picks, served_out["masks"]):
         assert abs(float(scores[0, k]) - got["score"]) <= 1e-3
-        assert mask_iou(masks[0, k] > 0, coco_rle_to_mask(got["mask"])) >= 0.999
+        # the default page graph is the approximate one (int8 upscaling): masks within IoU 0.98
+        least = 0.98 if info["graph"] == "approximate" else 0.999
+        assert mask_iou(masks[0, k] > 0, coco_rle_to_mask(got["mask"])) >= least
 
 
 # ------------------------------------------------------------------------------ embedding cache
