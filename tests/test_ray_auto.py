@@ -24,8 +24,12 @@ from PIL import Image
 
 from anyseg.cli import main
 
-ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install 'anyseg[ray]'")
-pq = pytest.importorskip("pyarrow.parquet")
+if os.environ.get("CI") or os.environ.get("ANYSEG_REQUIRE_SHARED"):  # `make test` installs the ray extra
+    import pyarrow.parquet as pq
+    import ray
+else:
+    ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install 'anyseg[ray]'")
+    pq = pytest.importorskip("pyarrow.parquet", reason="the Ray tests need the ray extra (pyarrow)")
 
 pytestmark = pytest.mark.slow
 
