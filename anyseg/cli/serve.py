@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     parser.add_argument("--models", metavar="DIR", default=None,
                         help="folder of checkpoints (.pth, .pt, .safetensors; e.g. anyseg train's runs) the page "
                              "can switch to without a restart")
+    parser.add_argument("--concept-model", metavar="MODEL", default=None,
+                        help="a SAM 3 model (sam3 or a sam3.pt file) for concept prompts next to --model: POST "
+                             "/api/v1/images/{id}/concept finds every instance of a phrase (see docs/sam3.md)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get("ANYSEG_TOKEN"),
@@ -115,7 +118,16 @@ def run(args: argparse.Namespace) -> int:
               "address can use the API", file=sys.stderr)
     # A server's memory should follow its cache bound: glibc keeps returning freed decoder buffers.
     model = load_model_from_args(args, keep_freed_memory=False)
-    app = create_app(model, settings)
+    concept = None
+    if args.concept_model:
+        from ..checkpoint import load_model
+        from ..protocol import model_family
+
+        concept = load_model(args.concept_model, device=model.device)
+        if model_family(concept) != "sam3":
+            raise ValueError(f"--concept-model must be a SAM 3 model (sam3 or a sam3.pt file); {args.concept_model} "
+                             f"is a {model_family(concept)} model")
+    app = create_app(model, settings, concept_model=concept, concept_model_name=str(args.concept_model or "sam3"))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"anyseg serve: model {args.model} on {model.device}; open http://{shown}:{args.port}/"
           + ("#token=..." if settings.token else ""), file=sys.stderr, flush=True)

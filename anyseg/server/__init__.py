@@ -9,10 +9,10 @@ from .settings import ServerSettings
 __all__ = ["ServerSettings", "create_app", "run_in_thread"]
 
 
-def create_app(model, settings=None):
+def create_app(model, settings=None, **concept):
     from .app import create_app as _create_app
 
-    return _create_app(model, settings)
+    return _create_app(model, settings, **concept)
 
 
 def run_in_thread(app, host: str = "127.0.0.1", port: int = 0):
