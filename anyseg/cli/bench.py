@@ -24,7 +24,11 @@ rows give medians. The CPU kind (ISA, AMX, AVX512-BF16) heads each table.
 
 sam2_video (not run by default: several minutes): frames/s (steady state and average) and peak RSS
 tracking 1 and 4 objects through the golden clip, faithful against SAM2VideoPredictor(speed=...), on the
-golden SAM 2 checkpoint and the public tiny architecture with random weights (anyseg.fast.video_bench)."""
+golden SAM 2 checkpoint and the public tiny architecture with random weights (anyseg.fast.video_bench).
+SAM 3 rows (not run by default; --tasks sam3_encode sam3_phrase sam3_quality): encode (explicit softmax
+against the reference's SDPA attention) and the time per phrase on an encoded image (the reference
+encodes the text for every prompt; lossless caches it per phrase), on --sam3-model (default: the golden
+SAM 3 checkpoint, a reduced model); sam3_quality compares their detections."""
 
 EXAMPLES = """\
 examples:
@@ -33,11 +37,13 @@ examples:
   anyseg bench --json bench.json --markdown bench.md --note "quiet machine"
   anyseg bench --tasks sam2_encode sam2_click --model sam2.1_hiera_s --random-weights
   anyseg bench --tasks sam2_encode sam2_click --model ~/checkpoints/sam2.1_hiera_tiny.pt
+  anyseg bench --tasks sam3_encode sam3_phrase sam3_quality --note "loaded machine"
   python benchmarks/bench_speed.py --quick
   python benchmarks/bench_sam2_image.py"""
 
 TASK_CHOICES = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality",
-                "encode_vit_h", "encode_vit_l", "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality", "sam2_video")
+                "encode_vit_h", "encode_vit_l", "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality", "sam2_video",
+                "sam3_encode", "sam3_phrase", "sam3_quality")
 DEFAULT_TASKS = ("encode_vit_b", "encode_vit_t", "click", "amg", "amg_keepall", "quality",
                  "sam2_encode", "sam2_click", "sam2_amg", "sam2_quality")
 
@@ -71,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model of the SAM 2 rows: a SAM 2 checkpoint file, or a public name (sam2.1_hiera_t, "
                              "sam2_hiera_b+, ...) loaded from the local cache, or built with random weights with "
                              "--random-weights (default: sam2.1_hiera_t with random weights)")
+    parser.add_argument("--sam3-model", default=None, metavar="NAME_OR_PATH",
+                        help="SAM 3 model of the sam3_* rows (default: the golden SAM 3 checkpoint under --shared)")
     parser.add_argument("--random-weights", action="store_true",
                         help="with --model NAME: that public architecture with random weights (speed does not depend "
                              "on the weights; nothing is downloaded)")
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
                             encode_batch=args.encode_batch, amg_model=args.amg_model, compile=args.compile,
                             only_configs=args.configs, sam2_model_spec=args.model,
                             sam2_random_weights=True if args.random_weights else None, repeats=args.repeats,
+                            sam3_model_spec=args.sam3_model,
                             log=lambda s: print(s, file=sys.stderr, flush=True))
     if video:
         from ..fast.video_bench import bench_section

@@ -300,7 +300,12 @@ def format_tables(meta: Dict[str, Any], rows: List[Dict[str, Any]], quality: Lis
     for failure in meta.get("failures", []):
         lines += [f"**{failure['task']} failed**: {failure['error']}", ""]
     mem = "peak CUDA alloc (MB)" if meta["device"].startswith("cuda") else "peak RSS (MB)"
-    if any("wall_min" in r for r in rows):
+    if any(r["task"].startswith("sam3_") for r in rows):
+        lines += ["SAM 3 rows: medians, configurations alternating within each repeat (best wall time in "
+                  "parentheses); speedup against `reference` (SDPA attention, the text encoded for every prompt, "
+                  "as the reference code). Per-phrase rows: segment(text=...) on an encoded image, masks at the "
+                  "image size.", ""]
+    if any("wall_min" in r and not r["task"].startswith("sam3_") for r in rows):
         n = max(r.get("median_of", 1) for r in rows if "wall_min" in r)
         lines += [f"SAM 2 rows: median of up to {n} repeats with the configurations alternating within each "
                   "repeat (best wall time in parentheses); model in the task column. Their speedup is against "
@@ -339,7 +344,7 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
                   encode_batch: Optional[int] = None, amg_model: Optional[str] = None,
                   compile: bool = False, only_configs: Optional[List[str]] = None,
                   sam2_model_spec: Optional[str] = None, sam2_random_weights: Optional[bool] = None,
-                  repeats: Optional[int] = None) -> Dict[str, Any]:
+                  repeats: Optional[int] = None, sam3_model_spec: Optional[str] = None) -> Dict[str, Any]:
     """Run the benchmark and return ``{"meta", "rows", "quality", "markdown"}`` per device.
 
     ``encode_batch`` / ``amg_model`` default to 1 / ``vit_t`` on a CPU and 8 / ``vit_h`` on a GPU (the
@@ -381,7 +386,7 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
                 "device": str(device), "quick": quick, "note": note,
                 "image": f"{image.shape[1]}x{image.shape[0]}"}
         log(f"== {meta['machine']} [{dev}]")
-        speed_tasks = [t for t in tasks if t != "quality" and not t.startswith("sam2_")]
+        speed_tasks = [t for t in tasks if t != "quality" and not t.startswith(("sam2_", "sam3_"))]
         failures: List[Dict[str, str]] = []
         rows = run_speed(device, speed_tasks, quick, image, configs, amg_side, log, batch, amg_variant, failures)
         quality = []
@@ -404,6 +409,15 @@ def run_benchmark(tasks=TASKS, quick: bool = False, devices: Optional[List[str]]
                 else:
                     quality += run_sam2_quality(shared, {k: v for k, v in configs2.items() if k != SAM2_REFERENCE},
                                                 quick, log, device)
+        if any(t.startswith("sam3_") for t in tasks):
+            spec = sam3_model_spec or (shared / "golden" / "sam3" / "sam3_checkpoint.pt" if shared else None)
+            if spec is None or not Path(spec).exists() and not str(spec).startswith("sam3"):
+                log("  sam3 rows skipped: no SAM 3 model (give --sam3-model, or the golden data via --shared)")
+                failures.append({"task": "sam3", "error": "skipped: no SAM 3 model"})
+            else:
+                sam3_rows, sam3_quality = run_sam3(device, tasks, quick, image, spec, repeats, log, failures)
+                rows += sam3_rows
+                quality += sam3_quality
         meta["failures"] = failures
         results.append({"meta": meta, "rows": rows, "quality": quality,
                         "markdown": format_tables(meta, rows, quality)})
@@ -688,3 +702,107 @@ def run_sam2_quality(shared: Path, configs: Dict[str, SpeedConfig], quick: bool,
         rows.append(row)
         log(f"  quality sam2.1 golden {name:<9} min IoU {row['min_mask_iou']:.4f} ({row['worst_case']})")
     return rows
+
+
+# ------------------------------------------------------------------------------------------- SAM 3
+SAM3_TASKS = ("sam3_encode", "sam3_phrase", "sam3_quality")
+#: Phrases of the per-phrase rows (two of them are the golden data's).
+SAM3_PHRASES = ("green vegetables", "red apple", "dog", "yellow school bus")
+SAM3_DESCRIBE = {
+    "explicit": "attention as an explicit softmax (use_sdpa=False)",
+    "reference": "the reference computation: SDPA attention; the text encoder runs for every prompt",
+    "lossless": "SDPA attention, text encoding cached per phrase (image features reused, as in both)",
+}
+
+
+def _sam3_attention(model, sdpa: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "use_sdpa"):
+            module.use_sdpa = sdpa
+
+
+def run_sam3(device: torch.device, tasks, quick: bool, image: np.ndarray, model_spec, repeats: Optional[int] = None,
+             log: Callable[[str], None] = print, failures: Optional[List[Dict[str, str]]] = None):
+    """SAM 3 rows -> ``(speed rows, quality rows)``. ``sam3_encode``: ``Sam3Processor.set_image`` with the
+    explicit-softmax attention against the reference's SDPA; ``sam3_phrase``: one phrase on an encoded
+    image (``segment(text=...)``: text, fusion encoder, decoder, masks at the image size), the
+    reference encoding the text for every prompt against ``lossless`` (text cached per phrase; the
+    image features are reused across prompts in both). ``sam3_quality``: the lossless and explicit
+    results against the reference's on the same image and phrases. Configurations alternate within each
+    repeat; the rows give medians."""
+    from ..checkpoint import load_model
+    from ..sam3_processor import Sam3Processor
+    from .quality import mask_iou
+
+    failures = [] if failures is None else failures
+    rows: List[Dict[str, Any]] = []
+    model = load_model(model_spec, device=device)
+    label = "sam3 golden (reduced, random weights)" if Path(str(model_spec)).name == "sam3_checkpoint.pt" \
+        else Path(str(model_spec)).stem
+    phrases = SAM3_PHRASES[:2] if quick else SAM3_PHRASES
+
+    def add(task: str, name: str, result: Dict[str, Any], work: float, unit: str) -> None:
+        row = {"task": task, "config": name, "describe": SAM3_DESCRIBE[name], "model": label, **result,
+               "throughput": work / result["wall"], "unit": unit, "median_of": result["repeats"],
+               "speedup_base": "reference"}
+        rows.append(row)
+        base = next((r for r in rows if r["task"] == task and r["config"] == "reference"), None)
+        for r in rows:
+            if r["task"] == task:
+                r["speedup"] = base["wall"] / r["wall"] if base else 1.0
+        log(f"  {task:<16} {name:<9} wall {row['wall']:.3f}s (best {row['wall_min']:.3f}) cpu {row['cpu']:.3f}s")
+
+    reference = Sam3Processor(model, resolution=model.image_size)
+    lossless = Sam3Processor(model, resolution=model.image_size)
+
+    def segment_uncached(phrase: str, state):
+        reference._text_cache.clear()  # as the reference: the text encoder runs for every prompt
+        return reference.segment(text=phrase, state=state)
+
+    try:
+        if "sam3_encode" in tasks:
+            res = _alternate({"explicit": lambda: reference.set_image(image), "reference": lambda: reference.set_image(image)},
+                             lambda name: _sam3_attention(model, name != "explicit"), device,
+                             repeats or (2 if quick else 3), 1, memory=True)
+            for name in ("explicit", "reference"):
+                add("sam3_encode", name, res[name], 1.0, "img/s")
+        _sam3_attention(model, True)
+        state = reference.set_image(image)
+        if "sam3_phrase" in tasks:
+            for phrase in phrases:
+                lossless.encode_text(phrase)  # the cache holds every phrase, as after a first image
+            res = _alternate({"reference": lambda: [segment_uncached(p, state) for p in phrases],
+                              "lossless": lambda: [lossless.segment(text=p, state=state) for p in phrases]},
+                             lambda name: None, device, repeats or (3 if quick else 5), 1, memory=False)
+            for name in ("reference", "lossless"):
+                per = {**res[name], "wall": res[name]["wall"] / len(phrases),
+                       "wall_min": res[name]["wall_min"] / len(phrases), "cpu": res[name]["cpu"] / len(phrases)}
+                add(f"sam3_phrase (per phrase, {len(phrases)} phrases)", name, per, 1.0, "phrase/s")
+    except Exception as exc:  # noqa: BLE001 - one broken row must not lose the others
+        log(f"  sam3: FAILED ({type(exc).__name__}: {exc})")
+        failures.append({"task": "sam3", "error": f"{type(exc).__name__}: {exc}"})
+    quality: List[Dict[str, Any]] = []
+    if "sam3_quality" in tasks:
+        _sam3_attention(model, True)
+        state = reference.set_image(image)
+        want = {p: segment_uncached(p, state) for p in phrases}
+        got = {"lossless": {p: lossless.segment(text=p, state=state) for p in phrases}}
+        _sam3_attention(model, False)
+        state = reference.set_image(image)
+        got["explicit"] = {p: segment_uncached(p, state) for p in phrases}
+        _sam3_attention(model, True)
+        for name, results in got.items():
+            per_case, score_err = {}, 0.0
+            for p in phrases:
+                a, b = results[p], want[p]
+                if len(a) != len(b):
+                    per_case[p], score_err = 0.0, float("inf")
+                    continue
+                per_case[p] = min([mask_iou(x, y) for x, y in zip(a.masks, b.masks)] or [1.0])
+                if len(a):
+                    score_err = max(score_err, float(np.abs(a.scores - b.scores).max()))
+            quality.append({"model": label, "config": name, "min_mask_iou": min(per_case.values()),
+                            "worst_case": min(per_case, key=per_case.get), "max_score_err": score_err,
+                            "instances": sum(len(r) for r in results.values())})
+            log(f"  quality sam3 {name:<9} min IoU {quality[-1]['min_mask_iou']:.4f} score err {score_err:.2e}")
+    return rows, quality
