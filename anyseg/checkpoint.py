@@ -284,7 +284,10 @@ def load_model(path_or_name: Union[str, os.PathLike], device: Union[str, torch.d
             from .speed import apply, resolve
 
             if getattr(family_model.config, "kind", None) == "sam3":
-                return family_model  # no presets yet: SAM 3 runs its reference (fused-attention) computation
+                from .protocol import apply_speed
+
+                apply_speed(family_model, speed)  # SAM 3's presets: the trunk's dtype (see protocol)
+                return family_model
             apply(family_model, resolve(speed, family_model.device))
         return family_model
     if video:

@@ -415,8 +415,18 @@ class Sam2SurfacePredictor(SAM2ImagePredictor):
 #: Each family's model class, name for people, predictor class and fast paths: the only tables a new
 #: family is added to.
 def _sam3_speed(model, speed, keep_freed_memory: bool) -> None:
-    """SAM 3 has no speed presets yet: its attention already runs fused (as the reference's does), and
-    every preset leaves it on that computation."""
+    """SAM 3's presets: its attention already runs fused, as the reference's does (``faithful`` and
+    ``lossless`` are that computation); a preset with a reduced-precision encoder (``auto`` on CPUs with
+    native bfloat16, and on CUDA) runs the ViT trunk in that dtype (``model.trunk_dtype``), the neck,
+    fusion encoder, decoder and heads in float32. Other encoder switches of :class:`~anyseg.speed.SpeedConfig`
+    (oneDNN, int8, compile) do not apply to SAM 3."""
+    import torch
+
+    from .speed import resolve
+
+    config = resolve(speed, model.device)
+    dtype = config.encoder_dtype
+    model.trunk_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 _FAMILIES: Tuple[Tuple[type, str], ...] = ((Sam, "sam"), (Sam2, "sam2"), (Sam3, "sam3"))

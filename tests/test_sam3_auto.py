@@ -43,7 +43,8 @@ def inputs(tmp_path_factory):
 def run_args(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("sam3_auto_out") / "out"
     return ["auto", str(inputs), "-o", str(out), "--model", str(_require(SAM3) / "sam3_checkpoint.pt"), "--device",
-            "cpu", "--text", ". ".join(PHRASES), "--format", "sa1b,coco,png,polygons", "--no-progress"], out
+            "cpu", "--speed", "faithful",  # the reference computation on every CPU (auto: bf16 where native)
+            "--text", ". ".join(PHRASES), "--format", "sa1b,coco,png,polygons", "--no-progress"], out
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def _segment(tmp_path, *extra):
 
     out = tmp_path / "out"
     code = main(["segment", str(_require(IMAGES) / "truck.jpg"), "--model", str(_require(SAM3) / "sam3_checkpoint.pt"),
-                 "--device", "cpu", "-o", str(out), *extra])
+                 "--device", "cpu", "--speed", "faithful", "-o", str(out), *extra])
     assert code == 0
     return out, json.loads((out / "truck.json").read_text())
 

@@ -82,6 +82,10 @@ class Sam3(nn.Module):
         self.transformer = transformer
         self.dot_prod_scoring = dot_prod_scoring
         self.segmentation_head = segmentation_head
+        #: Reduced precision for the ViT trunk (set by anyseg.speed presets through
+        #: anyseg.protocol.apply_speed: bfloat16 on CPUs with native bfloat16, float16 on CUDA). None:
+        #: the reference float32 computation. The neck and everything after it stay float32.
+        self.trunk_dtype: Optional[torch.dtype] = None
 
     @property
     def device(self) -> torch.device:
@@ -97,7 +101,12 @@ class Sam3(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> VisionFeatures:
         """image: ``B x 3 x S x S``, normalised to [-1, 1]."""
-        return self.backbone.vision_backbone(image)
+        vision = self.backbone.vision_backbone
+        if self.trunk_dtype is None:
+            return vision(image)
+        with torch.autocast(image.device.type, dtype=self.trunk_dtype):
+            x = vision.trunk(image)
+        return vision.neck(x.to(image.dtype))
 
     def encode_text(self, ids: torch.Tensor) -> TextFeatures:
         """ids: ``B x L`` token ids (see :mod:`anyseg.sam3_tokenizer`)."""
