@@ -342,7 +342,7 @@ def test_hf_ids(offline_home, monkeypatch):
     assert hub.hf_checkpoint_info("facebook/sam2.1-hiera-base-plus").name == "sam2.1_hiera_b+"
     assert hub.hf_checkpoint_info("facebook/sam2-hiera-tiny").name == "sam2_hiera_t"
     with pytest.raises(ValueError, match="facebook/sam2.1-hiera-tiny"):
-        hub.hf_checkpoint_info("facebook/sam3")
+        hub.hf_checkpoint_info("facebook/sam9-unknown")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
     with pytest.raises(ImportError) as err:
         hub.resolve_hf_id("facebook/sam2.1-hiera-small")
