@@ -49,7 +49,7 @@ def add_concept_routes(app, engine, store, finder: Optional[ConceptFinder], auth
     from fastapi import HTTPException
 
     from ..cli.sam3_text import split_phrases
-    from ..masks import coco_rle_to_mask
+    from .api_loop import uncovered_proposals
     from .contract import errors
     from .formats import encode_masks, mask_record
     from .schemas import ConceptInstance, ConceptRequest, ConceptResponse
@@ -81,22 +81,11 @@ def add_concept_routes(app, engine, store, finder: Optional[ConceptFinder], auth
         start = time.perf_counter()
         found = engine.run(finder.find, entry.id, entry.image, phrases or [None], [b.xyxy for b in body.boxes],
                            [b.positive for b in body.boxes], body.threshold)
-        accepted = np.zeros((h, w), bool)
-        for ann in store.list(image_id):
-            mask = coco_rle_to_mask(ann["segmentation"])
-            if mask.shape == accepted.shape:
-                accepted |= mask
-        kept, hidden = [], 0
-        for phrase, result in found:
-            for mask, box, score in zip(result.masks, result.boxes, result.scores):
-                area = int(mask.sum())
-                if area == 0 or area < body.min_area:
-                    continue
-                if accepted.any() and (mask & accepted).sum() / area >= max(body.overlap_thresh, 1e-9):
-                    hidden += 1
-                    continue
-                kept.append((phrase if phrase is not None else "exemplar", float(score), box, mask))
-        kept.sort(key=lambda k: -k[1])
+        candidates = [(phrase if phrase is not None else "exemplar", float(score), box, mask)
+                      for phrase, result in found for mask, box, score in zip(result.masks, result.boxes, result.scores)]
+        keep, hidden = uncovered_proposals(store, image_id, (h, w), [c[3] for c in candidates], body.min_area,
+                                           body.overlap_thresh)
+        kept = sorted((candidates[i] for i in keep), key=lambda k: -k[1])
         masks = np.stack([k[3] for k in kept]) if kept else np.zeros((0, h, w), bool)
         encoded = encode_masks(masks, body.format, polygon_tolerance=body.polygon_tolerance) if kept else []
         instances = [ConceptInstance(phrase=p, score=s, box=[float(v) for v in box], mask=m, **mask_record(mask))

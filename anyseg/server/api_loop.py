@@ -9,10 +9,34 @@ import numpy as np
 API = "/api/v1"
 
 
+def uncovered_proposals(store, image_id: str, shape, masks, min_area: int, overlap_thresh: float):
+    """Which of ``masks`` (``H x W`` bool each, in order) to propose for an image: those with at least
+    ``min_area`` pixels (and not empty) whose area is covered by the image's accepted objects for less than
+    ``overlap_thresh``. Returns ``(indices kept, number hidden as covered)``; shared by the auto-label and
+    concept-prompt proposals."""
+    from ..masks import coco_rle_to_mask
+
+    accepted = np.zeros(tuple(shape), bool)
+    for ann in store.list(image_id):
+        mask = coco_rle_to_mask(ann["segmentation"])
+        if mask.shape == accepted.shape:
+            accepted |= mask
+    any_accepted = bool(accepted.any())
+    kept, hidden = [], 0
+    for i, mask in enumerate(masks):
+        area = int(mask.sum())
+        if area == 0 or area < min_area:
+            continue
+        if any_accepted and (mask & accepted).sum() / area >= max(overlap_thresh, 1e-9):
+            hidden += 1
+            continue
+        kept.append(i)
+    return kept, hidden
+
+
 def add_loop_routes(app, engine, store, catalog, auth: List, make_decoder: Callable) -> None:
     from fastapi import HTTPException, Query
 
-    from ..masks import coco_rle_to_mask
     from .contract import errors
     from .formats import encode_masks, mask_record
     from .models import UnknownModelError
@@ -71,21 +95,10 @@ def add_loop_routes(app, engine, store, catalog, auth: List, make_decoder: Calla
             box_nms_thresh=body.box_nms_thresh, min_mask_region_area=0,
         )
         h, w = entry.original_size
-        accepted = np.zeros((h, w), bool)
-        for ann in store.list(image_id):
-            mask = coco_rle_to_mask(ann["segmentation"])
-            if mask.shape == accepted.shape:
-                accepted |= mask
-        kept, hidden = [], 0
-        for r in sorted(records, key=lambda r: -float(r["predicted_iou"])):
-            seg = r["segmentation"]
-            area = int(seg.sum())
-            if area == 0 or area < body.min_area:
-                continue
-            if accepted.any() and (seg & accepted).sum() / area >= max(body.overlap_thresh, 1e-9):
-                hidden += 1
-                continue
-            kept.append(r)
+        records = sorted(records, key=lambda r: -float(r["predicted_iou"]))
+        keep, hidden = uncovered_proposals(store, image_id, (h, w), [r["segmentation"] for r in records],
+                                           body.min_area, body.overlap_thresh)
+        kept = [records[i] for i in keep]
         masks = np.stack([r["segmentation"] for r in kept]) if kept else np.zeros((0, h, w), bool)
         encoded = encode_masks(masks, body.format, polygon_tolerance=body.polygon_tolerance) if kept else []
         proposals = [Proposal(predicted_iou=float(r["predicted_iou"]), stability_score=float(r["stability_score"]),
