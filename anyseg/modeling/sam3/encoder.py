@@ -9,7 +9,10 @@ from torch import nn
 from .attention import MultiheadAttention
 
 
-class FusionLayer(nn.Module):
+class PreNormLayer(nn.Module):
+    """The modules of a pre-norm layer with self-attention, cross-attention and a ReLU FFN (the reference's
+    key names); the fusion encoder and the geometry encoder differ only in what they attend to."""
+
     def __init__(self, d: int, heads: int, ffn: int) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(d, heads)
@@ -20,13 +23,18 @@ class FusionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
         self.norm3 = nn.LayerNorm(d, eps=1e-5)
 
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.relu(self.linear1(self.norm3(x))))
+
+
+class FusionLayer(PreNormLayer):
     def forward(self, x, pos, prompt, prompt_mask):
         y = self.norm1(x)
         q = y + pos
         x = x + self.self_attn(q, q, y)
         # Named after the reference's key, although here the image tokens attend to the prompt.
         x = x + self.cross_attn_image(self.norm2(x), prompt, prompt, key_padding_mask=prompt_mask)
-        return x + self.linear2(F.relu(self.linear1(self.norm3(x))))
+        return x + self.ffn(x)
 
 
 class FusionEncoder(nn.Module):

@@ -3,32 +3,21 @@ tokens, followed by a CLS token, refined by a few pre-norm layers that attend to
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiheadAttention
+from .encoder import PreNormLayer
 from .position import sine_scalar
 from .roi_align import roi_align
 
 
-class GeometryLayer(nn.Module):
+class GeometryLayer(PreNormLayer):
     """Pre-norm: self-attention, cross-attention to the image (keys carry its position), ReLU FFN."""
-
-    def __init__(self, d: int, heads: int, ffn: int) -> None:
-        super().__init__()
-        self.self_attn = MultiheadAttention(d, heads)
-        self.cross_attn_image = MultiheadAttention(d, heads)
-        self.linear1 = nn.Linear(d, ffn)
-        self.linear2 = nn.Linear(ffn, d)
-        self.norm1 = nn.LayerNorm(d, eps=1e-5)
-        self.norm2 = nn.LayerNorm(d, eps=1e-5)
-        self.norm3 = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x, mask, image, image_pos):
         y = self.norm1(x)
         x = x + self.self_attn(y, y, y, key_padding_mask=mask)
         x = x + self.cross_attn_image(self.norm2(x), image + image_pos, image)
-        return x + self.linear2(F.relu(self.linear1(self.norm3(x))))
+        return x + self.ffn(x)
 
 
 class GeometryEncoder(nn.Module):
