@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-CHROMIUM = os.environ.get("ANYSEG_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 STATIC_ORT = REPO / "anyseg" / "server" / "static" / "ort" / "ort.wasm.min.mjs"
 
-pytest.importorskip("fastapi", reason="the server extra is not installed (pip install 'anyseg[server]')")
-pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'anyseg[server]')")
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright is not installed (scripts/setup-test-env.sh installs it)")
-if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"Chromium not found at {CHROMIUM} (scripts/setup-test-env.sh installs Debian's chromium)",
-                allow_module_level=True)
+from browser_support import chromium_page, click_image, require_browser  # noqa: E402
+
+require_browser()
 
 from PIL import Image  # noqa: E402
 
@@ -71,30 +62,12 @@ def app_server(golden_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app_server):
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
-        pg = context.new_page()
-        pg.errors = []
-        pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
-        pg.on("console", lambda msg: pg.errors.append(msg.text) if msg.type == "error" else None)
-        pg.set_default_timeout(120_000)
+    with chromium_page(ARTIFACTS, accept_downloads=True) as pg:
         yield pg
-        context.close()
-        browser.close()
 
 
 def shot(pg, name: str) -> None:
     pg.screenshot(path=str(ARTIFACTS / f"{name}.png"))
-
-
-def click_image(pg, x: float, y: float, **kwargs) -> None:
-    """Click at original-image pixel (x, y)."""
-    box = pg.locator("#overlay-canvas").bounding_box()
-    w, h = pg.evaluate("[window.anyseg.state.image.width, window.anyseg.state.image.height]")
-    pg.mouse.click(box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h, **kwargs)
 
 
 def drag_image(pg, a, b) -> None:

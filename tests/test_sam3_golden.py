@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import GOLDEN, IMAGES, _require, mask_iou, unpack_masks
+from conftest import GOLDEN, IMAGES, _require, mask_iou, replay_sam3_case, unpack_masks
 
 pytestmark = pytest.mark.golden
 
@@ -62,12 +62,7 @@ def _run_image(model, entry):
                      "fpn1_crop": feats.fpn[1][:, :, :48, :48].numpy(), "vision_pos_enc_2": feats.pos[2].numpy()},
            "hw": (state["original_height"], state["original_width"])}
     for case in entry["cases"]:
-        processor.reset_all_prompts(state)
-        for call in case["calls"]:
-            if call[0] == "set_text_prompt":
-                processor.set_text_prompt(call[1], state)
-            else:
-                processor.add_geometric_prompt(call[1], call[2], state)
+        replay_sam3_case(processor, state, case)
         det = state["detections"]
         result = processor.result(state)
         out[case["name"]] = {
