@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .common import add_model_arguments, load_model_from_args
+from .common import add_model_arguments, load_model_from_args, positive_int
 
 FORMATS = ("sa1b", "coco", "png", "polygons")
 COCO_FILE = "coco_instances.json"
@@ -57,13 +57,6 @@ category_id and label per mask, YOLO lines the class (category_id - 1). The gene
 apply. Resumable as above (the phrases and the threshold are part of the settings); not with --ray."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def _non_negative(kind):
     def parse(text: str):
         value = kind(text)
@@ -95,8 +88,8 @@ _FAMILY_NAMES = {"sam": "SAM 1", "sam2": "SAM 2"}
 
 #: (option, MaskGenerator parameter, type, default, help); a default of None means the family's default.
 GENERATOR_OPTIONS = (
-    ("--points-per-side", "points_per_side", _positive_int, 32, "grid points per image side (N x N prompts)"),
-    ("--points-per-batch", "points_per_batch", _positive_int, 64, "prompts decoded together (speed/memory only)"),
+    ("--points-per-side", "points_per_side", positive_int, 32, "grid points per image side (N x N prompts)"),
+    ("--points-per-batch", "points_per_batch", positive_int, 64, "prompts decoded together (speed/memory only)"),
     ("--pred-iou-thresh", "pred_iou_thresh", float, None, "keep masks whose predicted IoU is above this (<= 0: off)"),
     ("--stability-score-thresh", "stability_score_thresh", float, 0.95,
      "keep masks whose stability score is at least this (<= 0: off)"),
@@ -106,7 +99,7 @@ GENERATOR_OPTIONS = (
     ("--crop-n-layers", "crop_n_layers", _non_negative(int), 0, "extra crop layers (layer i: 2^i x 2^i crops)"),
     ("--crop-nms-thresh", "crop_nms_thresh", _unit_float, 0.7, "box IoU for duplicates across crops"),
     ("--crop-overlap-ratio", "crop_overlap_ratio", _unit_float, 512 / 1500, "overlap of neighbouring crops"),
-    ("--crop-n-points-downscale-factor", "crop_n_points_downscale_factor", _positive_int, 1,
+    ("--crop-n-points-downscale-factor", "crop_n_points_downscale_factor", positive_int, 1,
      "crop layer i uses points-per-side / factor^i points per side"),
     ("--min-mask-region-area", "min_mask_region_area", _non_negative(float), 0,
      "fill holes / remove islands smaller than this many pixels (0: off; SAM 2: pixels of the 256 x 256 "

@@ -12,6 +12,17 @@ NANO_NOTICE = (
 )
 
 
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with a message that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, device: bool = True) -> None:
     parser.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .common import parse_numbers
+from .common import parse_numbers, positive_int
 
 FORMATS = ("png", "json", "video")
 MAX_OBJECT_ID = 255
@@ -160,16 +160,6 @@ def _formats_arg(text: str) -> List[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def _frame_arg(text: str) -> int:
     try:
         value = int(text)
@@ -201,7 +191,7 @@ def register(subparsers) -> None:
     parser.add_argument("--start", type=_frame_arg, default=None, metavar="F",
                         help="track from frame F in one direction only (default: from the earliest prompted frame, "
                              "both ways)")
-    parser.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
                         help="track at most N frames per direction, the start frame included (default: to the end)")
     parser.add_argument("--format", "-f", dest="formats", action="append", type=_formats_arg, metavar="FORMATS",
                         help=f"outputs, comma-separated or repeated: {', '.join(FORMATS)} (default: all)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli.common import positive_int
+
 RAY_EXTRA_HINT = 'Ray is not installed: install the extra with  pip install "anyseg[ray]"  (Ray Data, pyarrow)'
 
 
@@ -32,16 +34,6 @@ def _retries(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--ray`` options of ``anyseg auto`` (no Ray import)."""
     group = parser.add_argument_group(
@@ -54,7 +46,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on Ray: 'auto' (the running cluster, or $RAY_ADDRESS), HOST:PORT, "
                             "ray://HOST:PORT (Ray Client), or nothing to start a local Ray instance")
-    group.add_argument("--workers", type=_count, default=None, metavar="N",
+    group.add_argument("--workers", type=positive_int, default=None, metavar="N",
                        help="model actors (default: the cluster's GPUs / --gpus-per-worker, else its "
                             "CPUs / --cpus-per-worker, at least 1)")
     group.add_argument("--cpus-per-worker", type=_fraction, default=1.0, metavar="X",
