@@ -430,6 +430,6 @@ def _sam3_speed(model, speed, keep_freed_memory: bool) -> None:
 
 
 _FAMILIES: Tuple[Tuple[type, str], ...] = ((Sam, "sam"), (Sam2, "sam2"), (Sam3, "sam3"))
-FAMILY_NAMES: Dict[str, str] = {"sam": "SAM 1", "sam2": "SAM 2"}
+FAMILY_NAMES: Dict[str, str] = {"sam": "SAM 1", "sam2": "SAM 2", "sam3": "SAM 3"}
 _ADAPTERS: Dict[str, Any] = {"sam": SamSurfacePredictor, "sam2": Sam2SurfacePredictor}
 _SPEED: Dict[str, Any] = {"sam": _sam_speed, "sam2": _sam_speed, "sam3": _sam3_speed}
