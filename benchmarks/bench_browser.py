@@ -15,17 +15,25 @@ padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
   cache:tf   the cache+js decoder graph stopped after the two-way transformer (the upscaling network
              replaced by a tiny stand-in): with cache+js, the time split between the transformer and
              the upscaling (network and JavaScript).
-  approx+js  what the labelling app runs for a click by default (``anyseg serve --page-graph
-             approximate``, ``anyseg.server.page_decoder``): cache+js with the three candidates only,
-             the upscaling network's two products in int8, and no mask inputs (the page's graph for
-             prompts without a mask prompt). ``cache+js`` is the ``exact`` setting's graph with the
-             mask inputs.
-  approx:mask the approximate graph with the mask inputs, which the page runs for a refining click.
+  approx+js  what the labelling app runs for a first click on an object by default (``anyseg serve
+             --page-graph approximate``, ``anyseg.server.page_decoder``): the low-rank graph of
+             ``anyseg.export.page_graph`` (no mask inputs, the three candidates only, float32 but the
+             upscaling's second product in int8), with its per-image tensors from the page's per-image
+             graph. ``cache+js`` is the ``exact`` setting's graph with the mask inputs.
+  approx:dense the first-click graph the approximate setting used before the low-rank one, for
+             comparison: cache+js without the mask inputs, three candidates, the upscaling's two
+             products in int8 (it forms the 4096 x 256 image tokens of each block per click).
+  approx:mask the approximate graph with the mask inputs, which the page runs for a refining click
+             (cache+js with the three candidates only and the upscaling's two products in int8).
 
-With a golden checkpoint (the default), the approximate graph is also run in the page on the golden
-image embeddings and every golden predictor prompt, and its candidates (upscaled as the page does)
-are compared with the server's float32 decode of the same prompt: the worst and mean mask IoU are
-printed under the table.
+The ``cache`` row times the page's per-image graph (run once per image): with the approximate setting
+it also computes the low-rank graph's per-image tensors.
+
+With a golden checkpoint (the default), the approximate graphs are also run in the page on the golden
+image embeddings and every golden predictor prompt (the first-click graph for prompts without a mask
+prompt, the other for those with one, as the page does), and their candidates (upscaled as the page
+does) are compared with the server's float32 decode of the same prompt: the worst and mean mask IoU
+are printed under the table.
 
 The graphs are served with the page's onnxruntime-web files from a local HTTP server that sends the
 cross-origin-isolation headers (WebAssembly threads need them). Native onnxruntime (Python) on the
@@ -95,7 +103,7 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
       await cacheSession.release();
     }
     const times = [];
-    for (let r = 0; r < repeats + 3; r++) {
+    for (let r = 0; r < repeats + 10; r++) {
       const feeds = {
         image_embeddings: new ort.Tensor('float32', emb, [1, dim, grid, grid]),
         point_coords: new ort.Tensor('float32', Float32Array.from([rand() * width * scale, rand() * height * scale, 0, 0]), [1, 2, 2]),
@@ -119,7 +127,7 @@ BENCH_JS = """async ({graphs, threads, repeats, height, width, side, grid, dim})
         upscaleLogits(low.data.subarray(best * area, (best + 1) * area), 4 * grid, side, inputH, inputW, height, width);
       }
       const ms = performance.now() - t0;
-      if (r >= 3) times.push(ms);  // the first runs warm up
+      if (r >= 10) times.push(ms);  // the first runs warm up (WebAssembly code is optimised while it runs)
     }
     await session.release();
     results.graphs[file] = times;
@@ -183,7 +191,7 @@ def _native(path: Path, threads: int, repeats: int, height: int, width: int, sid
 
 
 # Runs in the page: the approximate graph on golden embeddings and prompts; low-res logits back as base64.
-QUALITY_JS = """async ({decoder, cache, images}) => {
+QUALITY_JS = """async ({decoder, nomask, cache, images}) => {
   const ort = await import('./ort/ort.wasm.min.mjs');
   const load = async (file) => ort.InferenceSession.create(await (await fetch(file)).arrayBuffer(),
                                                            {executionProviders: ['wasm']});
@@ -191,7 +199,7 @@ QUALITY_JS = """async ({decoder, cache, images}) => {
   const b64 = (a) => { const u = new Uint8Array(a.buffer, a.byteOffset, a.byteLength); let t = '';
     for (let i = 0; i < u.length; i += 0x8000) t += String.fromCharCode.apply(null, u.subarray(i, i + 0x8000));
     return btoa(t); };
-  const [session, cacheSession] = [await load(decoder), await load(cache)];
+  const [session, nomaskSession, cacheSession] = [await load(decoder), await load(nomask), await load(cache)];
   const out = [];
   for (const image of images) {
     const emb = await floats(image.embedding);
@@ -199,15 +207,19 @@ QUALITY_JS = """async ({decoder, cache, images}) => {
     const refine = await floats(image.refine);
     for (const p of image.prompts) {
       const n = p.labels.length;
-      const r = await session.run({...projections,
+      // As the page: the first-click graph for a prompt without a mask prompt, each graph fed what it names.
+      const s = p.mask ? session : nomaskSession;
+      const feeds = {...projections,
         point_coords: new ort.Tensor('float32', Float32Array.from(p.coords.flat()), [1, n, 2]),
         point_labels: new ort.Tensor('float32', Float32Array.from(p.labels), [1, n]),
         mask_input: new ort.Tensor('float32', p.mask ? refine : new Float32Array(refine.length), [1, 1, 256, 256]),
-        has_mask_input: new ort.Tensor('float32', Float32Array.from([p.mask ? 1 : 0]), [1])});
+        has_mask_input: new ort.Tensor('float32', Float32Array.from([p.mask ? 1 : 0]), [1])};
+      for (const key of Object.keys(feeds)) if (!s.inputNames.includes(key)) delete feeds[key];
+      const r = await s.run(feeds);
       out.push({low: b64(r.low_res_masks.data), dims: r.low_res_masks.dims, scores: Array.from(r.iou_predictions.data)});
     }
   }
-  await session.release(); await cacheSession.release();
+  await session.release(); await nomaskSession.release(); await cacheSession.release();
   return out;
 }"""
 
@@ -267,8 +279,9 @@ def _page_quality(page, work: Path, model, checkpoint: Path, shared: Path):
                 prompts.append(dict(coords=coords, labels=codes, mask=uses_mask))
         images.append(dict(embedding=f"golden-{i}.bin", refine=f"golden-{i}-refine.bin", shape=list(emb.shape),
                            prompts=prompts))
-    results = page.evaluate(QUALITY_JS, dict(decoder="decoder-page-approximate.onnx", cache="decoder-cache.onnx",
-                                             images=images))
+    results = page.evaluate(QUALITY_JS, dict(decoder="decoder-page-approximate.onnx",
+                                             nomask="decoder-page-approximate-nomask.onnx",
+                                             cache="decoder-cache.onnx", images=images))
     ious, score_err = [], 0.0
     for (want, scores, input_size, size), got in zip(wanted, results):
         low = np.frombuffer(base64.b64decode(got["low"]), np.float32).reshape(got["dims"])
@@ -332,6 +345,7 @@ def main(argv=None) -> int:
               "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache.onnx"),
               "cache:tf": ("decoder-transformer-only.onnx", "decoder-cache.onnx"),
               "approx+js": ("decoder-page-approximate-nomask.onnx", "decoder-cache.onnx"),
+              "approx:dense": ("decoder-page-dense-nomask.onnx", "decoder-cache.onnx"),
               "approx:mask": ("decoder-page-approximate.onnx", "decoder-cache.onnx")}
     if args.graphs:
         wanted = args.graphs.split(",")
@@ -350,6 +364,13 @@ def main(argv=None) -> int:
                 export_decoder(model, work / graphs[kind][0], **options)
         SamPageGraphs.export(model, work / "decoder-page-approximate.onnx", work / "decoder-cache.onnx", "approximate",
                              work / "decoder-page-approximate-nomask.onnx")
+        if "approx:dense" in graphs:
+            from anyseg.export.quantize import quantize_upscaling
+
+            plain = work / "decoder-page-dense-nomask-float32.onnx"
+            export_decoder(model, plain, fast=True, upscale_masks=False, image_cache=True, multimask_only=True,
+                           mask_prompt=False, opset=17)
+            quantize_upscaling(plain, work / graphs["approx:dense"][0])
     dims = dict(height=height, width=width, side=int(model.img_size), grid=int(model.config.embedding_size),
                 dim=int(model.prompt_encoder.embed_dim))
 
@@ -388,11 +409,11 @@ def main(argv=None) -> int:
 
     print(f"\ndecoder, one click, masks at {height}x{width}: {Path(args.checkpoint).name}, "
           f"{args.repeats} repeats, {os.cpu_count()} CPUs")
-    print(f"{'runtime':<24} {'graph':<11} {'threads':>7} {'median ms':>10} {'best ms':>8}")
+    print(f"{'runtime':<24} {'graph':<12} {'threads':>7} {'median ms':>10} {'best ms':>8}")
     for runtime, kind, threads, times in rows:
-        print(f"{runtime:<24} {kind:<11} {threads:>7} {statistics.median(times):>10.1f} {min(times):>8.1f}")
+        print(f"{runtime:<24} {kind:<12} {threads:>7} {statistics.median(times):>10.1f} {min(times):>8.1f}")
     if quality:
-        print(f"\nthe approximate graph against the server's float32 decode ({quality['prompts']} golden prompts, 3 candidates "
+        print(f"\nthe approximate graphs against the server's float32 decode ({quality['prompts']} golden prompts, 3 candidates "
               f"each, run in the page): mask IoU worst {quality['worst']:.4f}, mean {quality['mean']:.4f}; "
               f"scores within {quality['score_err']:.1e}")
     else:

@@ -44,7 +44,9 @@ class SamPageGraphs:
     the page never shows the single-mask output) and runs the upscaling network's two matrix products
     in int8 (:func:`anyseg.export.quantize.quantize_upscaling`); the ``exact`` one is the float32 graph
     with all four outputs. Each kind comes with a second decoder graph for prompts without a mask prompt
-    (``mask_prompt=False``: the page's first click on an object), the same function with less work."""
+    (``mask_prompt=False``: the page's first click on an object), the same function with less work. For
+    the ``approximate`` kind that graph is the low-rank one of :mod:`anyseg.export.page_graph` (float32
+    except the upscaling's second product in int8), and the per-image graph adds the tensors it takes."""
 
     @staticmethod
     def key(model) -> str:
@@ -67,8 +69,15 @@ class SamPageGraphs:
         decoder graph for prompts without a mask prompt."""
         from ..export import export_decoder, export_decoder_cache  # ImportError without the onnx extra
 
+        from ..export import page_graph
+
         options = dict(opset=DECODER_OPSET, fast=True, upscale_masks=False, image_cache=True)
-        targets = [(decoder_path, True)] + ([] if nomask_path is None else [(nomask_path, False)])
+        low_rank = graph == "approximate" and nomask_path is not None and page_graph.supported(snapshot)
+        targets = [(decoder_path, True)] + ([] if nomask_path is None or low_rank else [(nomask_path, False)])
+        if low_rank:
+            # The first click on an object (no mask prompt): the low-rank graph, with its own per-image tensors
+            # after the four of the decoder graph with mask inputs in one per-image graph.
+            page_graph.export_page_graphs(snapshot, nomask_path, cache_path, opset=DECODER_OPSET)
         for path, mask_prompt in targets:
             if graph == "exact":
                 export_decoder(snapshot, path, mask_prompt=mask_prompt, **options)
@@ -82,7 +91,8 @@ class SamPageGraphs:
             finally:
                 if plain.exists():
                     plain.unlink()
-        export_decoder_cache(snapshot, cache_path, opset=DECODER_OPSET)
+        if not low_rank:
+            export_decoder_cache(snapshot, cache_path, opset=DECODER_OPSET)
 
     @staticmethod
     def describe(model, graph: str = "approximate") -> Dict[str, Dict[str, str]]:

@@ -107,6 +107,8 @@ export class OnnxDecoder {
     } else {
       session = this.nomaskSession;
     }
+    // The per-image graph serves both decoder graphs; each takes only the tensors it names.
+    for (const key of Object.keys(feeds)) if (!session.inputNames.includes(key)) delete feeds[key];
     const out = await session.run(feeds);
     const low = out.low_res_masks;
     const k = low.dims[1];

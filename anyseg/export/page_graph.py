@@ -1,0 +1,350 @@
+"""The labelling page's low-rank decoder graphs: SAM 1's decoder for a prompt without a mask prompt, with
+the image side never formed per click.
+
+Why this is the same function
+-----------------------------
+Without a mask prompt the image tokens entering the two-way transformer, ``X0`` (the image embedding
+plus the no-mask embedding, ``N x C``), are the same for every prompt. Each block changes them in two
+ways only:
+
+* the image-to-token attention adds ``P V``: ``P`` the ``N x (T H)`` attention probabilities of the image
+  tokens over the ``T`` prompt tokens (``H`` heads) and ``V`` the ``T H`` token values pushed through
+  the output projection, a rank-``T H`` change;
+* the layer norm after it subtracts a per-token mean, divides by a per-token deviation and applies the
+  norm's weight ``g`` and bias ``b``.
+
+So after block ``l`` the image tokens are ``X_l = diag(a_l) X0 diag(G_l) + Z_l M_l``: a per-token scale
+``a_l`` (the product of the deviations' inverses), the diagonal ``G_l`` (the product of the norms'
+weights), and a low-rank part ``Z_l M_l`` with ``Z_l`` ``N x r`` and ``M_l`` ``r x C`` (``r`` = ``2 T H + 4``
+after the second block). Everything the decoder does with the image tokens is linear in them, or is a
+layer norm whose statistics follow from inner products:
+
+* attention logits and pooled values against ``X_l`` are ``a_l`` times the same products against
+  ``X0 diag(G_l)`` projected once per image (``N x d`` per head), plus products with ``Z_l``;
+* a layer norm's mean and variance per token are ``a``, ``Z`` and per-image inner products of ``X0`` with
+  the weights the rows of ``M`` come from (the output projections, the norms' weights and biases);
+* the upscaling network's first layer (a linear map per token, its transposed convolution has
+  kernel = stride) is ``a_2`` times ``X0 diag(G_2) W1``, once per image, plus ``Z_2 (M_2 W1)``.
+
+The per-image graph (:class:`PageImageGraph`) computes the ``X0`` products; the per-click graph
+(:class:`PageClickGraph`) never forms an ``N x C`` image tensor before the upscaling: its products with
+the image have ``d`` = 16 or ``r`` columns instead of ``C`` = 256. It is the float32 decoder to rounding
+(the variance is taken as ``E[x^2] - E[x]^2``, which loses a few more bits than the two-pass form where
+the mean is large against the spread; the tests hold it to the faithful decoder).
+
+The page runs the graph for the three multimask candidates (the single-mask output is never shown).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fast.decoder import _pixel_shuffle
+
+#: Per-image tensors the click graph takes, in order (outputs of the per-image graph, same names).
+IMAGE_TENSORS = ("lr_kh0", "lr_vh0", "lr_qh0", "lr_xwo0", "lr_kh1", "lr_vh1", "lr_qh1", "lr_xwo0g", "lr_xwo1",
+                 "lr_kh2", "lr_vh2", "lr_base", "lr_stats")
+
+
+def supported(model) -> bool:
+    """Whether the low-rank graphs apply to ``model``: a SAM 1 decoder with two two-way blocks."""
+    dec = getattr(model, "mask_decoder", None)
+    layers = getattr(getattr(dec, "transformer", None), "layers", None)
+    return layers is not None and len(layers) == 2 and layers[0].skip_first_layer_pe and not layers[1].skip_first_layer_pe
+
+
+def _float_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).float().cpu().eval()
+
+
+class _Parts(nn.Module):
+    """The prompt encoder and mask decoder (float32 copies) and the shapes the graphs use."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        if not supported(model):
+            raise ValueError("the low-rank page graphs need a SAM 1 mask decoder with two two-way blocks")
+        self.prompt_encoder = _float_copy(model.prompt_encoder)
+        self.mask_decoder = _float_copy(model.mask_decoder)
+        self.img_size = int(model.img_size)
+        attn = self.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+        self.heads = attn.num_heads
+        self.internal = attn.q_proj.out_features
+        self.d = self.internal // self.heads
+        self.dim = attn.q_proj.in_features
+        size = tuple(int(v) for v in self.prompt_encoder.image_embedding_size)
+        self.size = size
+        pe = self.prompt_encoder.get_dense_pe().detach().float()
+        self.register_buffer("pe_tokens", pe.flatten(2)[0].t().contiguous(), persistent=False)  # N x C
+
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``n x (H d)`` -> ``H x n x d``."""
+        return x.reshape(x.shape[0], self.heads, self.d).transpose(0, 1)
+
+    def upscale_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The upscaling's first transposed convolution as a ``C x (a b c4)`` matrix and its bias."""
+        up1 = self.mask_decoder.output_upscaling[0]
+        c, c4 = up1.in_channels, up1.out_channels
+        return up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4)
+
+
+class PageImageGraph(_Parts):
+    """Per image: ``image_embeddings`` (``1 x C x h x w``) -> the :data:`IMAGE_TENSORS` (see the module docs).
+
+    ``lr_kh0``/``lr_vh0``: the first block's token-to-image key (of image plus positional encoding, no
+    bias) and value (no bias) projections; ``lr_qh0``: its image-to-token query projection (with bias);
+    ``lr_xwo0``, ``lr_xwo0g``, ``lr_xwo1``: ``X0`` times the image-to-token output projections (for the
+    layer norms' statistics); ``lr_kh1``/``lr_vh1``/``lr_qh1`` and ``lr_kh2``/``lr_vh2``: the second
+    block's and the final attention's projections of ``X0 diag(G)``. Values are ``H x N x d``, the others
+    ``H x d x N`` (the image axis last, as the products against few tokens want it). ``lr_base``:
+    ``X0 diag(G_2) W1``, ``N x 4 c4``; ``lr_stats``: ``9 x N`` per-token inner products."""
+
+    def forward(self, image_embeddings: torch.Tensor):
+        dec = self.mask_decoder
+        l0, l1 = dec.transformer.layers
+        fin = dec.transformer.final_attn_token_to_image
+        x0 = image_embeddings.flatten(2)[0].t() + self.prompt_encoder.no_mask_embed.weight  # N x C
+        xpe = x0 + self.pe_tokens
+        hp = self.heads_of
+
+        def ht(x):  # N x (H d) -> H x d x N
+            return hp(x).transpose(1, 2)
+
+        g1, b1, g2 = l0.norm4.weight, l0.norm4.bias, l1.norm4.weight
+        xg1 = x0 * g1
+        xg12 = xg1 * g2
+        wo0, bo0 = l0.cross_attn_image_to_token.out_proj.weight, l0.cross_attn_image_to_token.out_proj.bias
+        wo1, bo1 = l1.cross_attn_image_to_token.out_proj.weight, l1.cross_attn_image_to_token.out_proj.bias
+        w1, _ = self.upscale_weight()
+        stats = torch.stack([
+            x0.mean(-1), (x0 * x0).sum(-1), x0 @ bo0,          # block 0: mean, sum of squares, . bo0
+            xg1.sum(-1), (xg1 * xg1).sum(-1), x0 @ (g1 * g1 * bo0),  # block 1: . g1, |x g1|^2, . g1^2 bo0
+            x0 @ (g1 * g1), x0 @ (g1 * b1), xg1 @ bo1,         # . g1^2, . g1 b1, . g1 bo1
+        ], dim=0)
+        return (
+            ht(xpe @ l0.cross_attn_token_to_image.k_proj.weight.t()),
+            hp(x0 @ l0.cross_attn_token_to_image.v_proj.weight.t()),
+            ht(F.linear(xpe, l0.cross_attn_image_to_token.q_proj.weight, l0.cross_attn_image_to_token.q_proj.bias)),
+            ht(x0 @ wo0),
+            ht(xg1 @ l1.cross_attn_token_to_image.k_proj.weight.t()),
+            hp(xg1 @ l1.cross_attn_token_to_image.v_proj.weight.t()),
+            ht(xg1 @ l1.cross_attn_image_to_token.q_proj.weight.t()),
+            ht((x0 * (g1 * g1)) @ wo0),
+            ht(xg1 @ wo1),
+            ht(xg12 @ fin.k_proj.weight.t()),
+            hp(xg12 @ fin.v_proj.weight.t()),
+            xg12 @ w1,
+            stats,
+        )
+
+
+def _softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax written out (``exp(x - max) / sum``), the arithmetic of ``softmax``. Over the tokens
+    (``dim=1`` of ``H x T x N``) it runs across contiguous slabs of the image axis."""
+    e = torch.exp(x - x.max(dim=dim, keepdim=True).values)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+class PageClickGraph(_Parts):
+    """Per click: the :data:`IMAGE_TENSORS`, ``point_coords`` ``1 x n x 2`` (model frame) and
+    ``point_labels`` ``1 x n`` -> ``iou_predictions`` ``1 x 3`` and ``low_res_masks`` ``1 x 3 x 4h x 4w``
+    (the three multimask candidates). ``gelu_approximate``: the upscaling's GELUs in their tanh form.
+
+    The low-rank factors are kept transposed, ``Z^T`` (``r x N``), so that every product and reduction
+    over the image runs along its contiguous last axis."""
+
+    def __init__(self, model, gelu_approximate: bool = False) -> None:
+        super().__init__(model)
+        self.gelu = "tanh" if gelu_approximate else "none"
+        dec = self.mask_decoder
+        l1 = dec.transformer.layers[1]
+        fin = dec.transformer.final_attn_token_to_image
+        hp = self.heads_of
+        with torch.no_grad():
+            pe = self.pe_tokens
+            # The positional encoding's projections after the first block (weights only: stored in the graph).
+            self.register_buffer("pek1", hp(pe @ l1.cross_attn_token_to_image.k_proj.weight.t()).transpose(1, 2).contiguous())
+            self.register_buffer("peq1", hp(F.linear(pe, l1.cross_attn_image_to_token.q_proj.weight,
+                                                     l1.cross_attn_image_to_token.q_proj.bias)).transpose(1, 2).contiguous())
+            self.register_buffer("pek2", hp(pe @ fin.k_proj.weight.t()).transpose(1, 2).contiguous())
+
+    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from .decoder import SamOnnxDecoder
+
+        return SamOnnxDecoder._embed_points(self, coords, labels)
+
+    def _token_values(self, attn, queries: torch.Tensor, tokens: torch.Tensor):
+        """Image-to-token attention's token side: keys ``H x T x d`` (scaled), values ``H x T x d`` and the
+        values through the output projection plus bias / H, ``(H T) x C`` rows (head-major)."""
+        h, d = self.heads, self.d
+        kk = self.heads_of(attn.k_proj(queries + tokens)) * (d ** -0.5)
+        vv = self.heads_of(attn.v_proj(queries))
+        wo = attn.out_proj.weight.view(self.dim, h, d).permute(1, 2, 0)  # H x d x C
+        vo = torch.bmm(vv, wo) + attn.out_proj.bias / h  # H x T x C
+        return kk, vv, vo.reshape(-1, self.dim)
+
+    def _token_to_image(self, attn, q: torch.Tensor, kt: torch.Tensor, vh: torch.Tensor, a, pek, zt, m):
+        """Token-to-image attention of ``T x C`` queries over ``a * X0 diag(G) + Z M`` plus the positional
+        encoding: ``kt`` (``H x d x N``), ``vh`` (``H x N x d``) the per-image key and value projections of
+        ``X0 diag(G)`` (with ``a`` None the keys already include the encoding and there is no low-rank
+        part), ``pek`` the encoding's key projection, ``zt`` = ``Z^T``. Returns ``T x C`` (after the output
+        projection)."""
+        h, d = self.heads, self.d
+        t = q.shape[0]
+        qh = self.heads_of(attn.q_proj(q)) * (d ** -0.5)  # H x T x d
+        logits = torch.bmm(qh, kt)  # H x T x N
+        if a is not None:
+            qk = torch.bmm(qh, attn.k_proj.weight.view(h, d, self.dim)).reshape(h * t, self.dim)  # (H T) x C
+            low = ((qk @ m.t()) @ zt).reshape(h, t, -1)
+            logits = logits * a + torch.bmm(qh, pek) + low
+        p = _softmax(logits)
+        if a is None:
+            out = torch.bmm(p, vh)
+        else:
+            pz = (p.reshape(h * t, -1) @ zt.t()).reshape(h, t, -1)  # H x T x r
+            mv = torch.matmul(m, attn.v_proj.weight.view(h, d, self.dim).transpose(1, 2))  # H x r x d
+            out = torch.bmm(p * a, vh) + torch.bmm(pz, mv)
+        out = out + attn.v_proj.bias.view(h, 1, d)
+        return attn.out_proj(out.transpose(0, 1).reshape(t, h * d))
+
+    @staticmethod
+    def _gram_and_mean(m: torch.Tensor, zt: torch.Tensor):
+        """``diag(Z M M^T Z^T)`` and ``Z M 1 / C`` (``N`` each) from one product with ``Z^T``."""
+        r = m.shape[0]
+        y = torch.cat([m @ m.t(), m.mean(-1, keepdim=True).t()], dim=0) @ zt  # (r + 1) x N
+        return (y[:r] * zt).sum(0), y[r]
+
+    def forward(self, kt0, vh0, qt0, xwo0, kt1, vh1, qt1, xwo0g, xwo1, kt2, vh2, base, stats,
+                point_coords: torch.Tensor, point_labels: torch.Tensor):
+        dec = self.mask_decoder
+        l0, l1 = dec.transformer.layers
+        h, c = self.heads, self.dim
+        n = base.shape[0]
+        sparse = self._embed_points(point_coords, point_labels)[0]
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight, sparse], dim=0)  # T x C
+        t = tokens.shape[0]
+
+        # Block 0: the image is X0 itself.
+        queries = l0.token_self_attention(tokens[None], tokens[None])[0]
+        out = self._token_to_image(l0.cross_attn_token_to_image, queries + tokens, kt0, vh0, None, None, None, None)
+        queries = l0.norm2(queries + out)
+        queries = l0.norm3(queries + l0.mlp(queries))
+        kk0, vv0, vo0 = self._token_values(l0.cross_attn_image_to_token, queries, tokens)
+        p0 = _softmax(torch.bmm(kk0, qt0), dim=1)  # H x T x N, over the tokens
+        zt0 = p0.reshape(h * t, n)  # rows head-major like vo0's
+        # norm4 statistics of S0 = X0 + Z0 vo0 (the probabilities of each head sum to one over T).
+        quad0, zmean0 = self._gram_and_mean(vo0, zt0)
+        mean0 = stats[0] + zmean0
+        cross0 = (p0 * torch.bmm(vv0, xwo0)).sum((0, 1)) + stats[2]
+        ln0 = l0.norm4
+        rstd0 = torch.rsqrt((stats[1] + 2 * cross0 + quad0) / c - mean0 * mean0 + ln0.eps)
+        # X1 = a1 X0 diag(g0) + Z1 m1
+        a1 = rstd0
+        ones = torch.ones_like(mean0).unsqueeze(0)
+        zt1 = torch.cat([zt0 * rstd0, (-mean0 * rstd0).unsqueeze(0), ones], dim=0)
+        m1 = torch.cat([vo0 * ln0.weight, ln0.weight.unsqueeze(0), ln0.bias.unsqueeze(0)], dim=0)
+
+        # Block 1.
+        queries = l1.token_self_attention(queries[None], tokens[None])[0]
+        out = self._token_to_image(l1.cross_attn_token_to_image, queries + tokens, kt1, vh1, a1, self.pek1, zt1, m1)
+        queries = l1.norm2(queries + out)
+        queries = l1.norm3(queries + l1.mlp(queries))
+        attn = l1.cross_attn_image_to_token
+        kk1, vv1, vo1 = self._token_values(attn, queries, tokens)
+        qk = torch.bmm(kk1, attn.q_proj.weight.view(h, self.d, c)).reshape(h * t, c)  # queries' weights folded in
+        low = ((qk @ m1.t()) @ zt1).reshape(h, t, n)
+        p1 = _softmax(torch.bmm(kk1, qt1) * a1 + torch.bmm(kk1, self.peq1) + low, dim=1)  # H x T x N
+        # S1 = a1 X0 diag(g0) + Z2 m2 with Z2 = [Z1, probabilities], m2 = [m1; vo1].
+        zt2 = torch.cat([zt1, p1.reshape(h * t, n)], dim=0)
+        m2 = torch.cat([m1, vo1], dim=0)
+        quad1, zmean1 = self._gram_and_mean(m2, zt2)
+        mean1 = a1 * stats[3] / c + zmean1
+        # X0 diag(g0) m2^T . Z2: the columns of Z1, then the probabilities'.
+        cross1 = (rstd0 * ((p0 * torch.bmm(vv0, xwo0g)).sum((0, 1)) + stats[5])
+                  - mean0 * rstd0 * stats[6] + stats[7]
+                  + (p1 * torch.bmm(vv1, xwo1)).sum((0, 1)) + stats[8])
+        ln1 = l1.norm4
+        rstd1 = torch.rsqrt((a1 * a1 * stats[4] + 2 * a1 * cross1 + quad1) / c - mean1 * mean1 + ln1.eps)
+        a2 = a1 * rstd1
+        zt3 = torch.cat([zt2 * rstd1, (-mean1 * rstd1).unsqueeze(0), ones], dim=0)
+        m3 = torch.cat([m2 * ln1.weight, ln1.weight.unsqueeze(0), ln1.bias.unsqueeze(0)], dim=0)
+
+        # Final attention for the IoU token and the three multimask tokens.
+        tf = dec.transformer
+        sel = [0] + [1 + i for i in range(1, dec.num_mask_tokens)]
+        qs, ts = queries[sel], tokens[sel]
+        out = self._token_to_image(tf.final_attn_token_to_image, qs + ts, kt2, vh2, a2, self.pek2, zt3, m3)
+        final = tf.norm_final_attn(qs + out)
+        iou = dec.iou_prediction_head(final[0])[1:].unsqueeze(0)
+        mlps = dec.output_hypernetworks_mlps
+        hyper = torch.stack([mlps[i](final[j + 1]) for j, i in enumerate(range(1, dec.num_mask_tokens))])  # 3 x c8
+
+        # Upscaling: its first layer is a2 * (X0 diag(G) W1) + Z3 (m3 W1) + b1 per token.
+        up1, ln, _, up2, _ = dec.output_upscaling
+        w1, bias1 = self.upscale_weight()
+        c4, c8 = up1.out_channels, up2.out_channels
+        x = torch.addcmul(torch.addmm(bias1, zt3.t(), m3 @ w1), base, a2.unsqueeze(1))  # N x (a b c4)
+        x = F.gelu(F.layer_norm(x.reshape(-1, c4), (c4,), ln.weight, ln.bias, ln.eps), approximate=self.gelu)
+        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
+        x = F.gelu(torch.addmm(up2.bias.repeat(4), x, w2), approximate=self.gelu)  # (N a b) x (a2 b2 c8)
+        masks = hyper @ x.reshape(-1, c8).t()  # 3 x (i j a b a2 b2)
+        hh, ww = self.size
+        return iou, _pixel_shuffle(masks.unsqueeze(0), hh, ww)
+
+
+class PageCacheGraph(nn.Module):
+    """The page's per-image graph: the four tensors of :func:`anyseg.export.decoder.export_decoder_cache`
+    (``CACHE_OUTPUTS``, for the decoder graph with mask inputs) followed by the :data:`IMAGE_TENSORS`."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        from .decoder import SamOnnxDecoderCache
+
+        self.cache = SamOnnxDecoderCache(model)
+        self.low_rank = PageImageGraph(model)
+
+    def forward(self, image_embeddings: torch.Tensor):
+        return tuple(self.cache(image_embeddings)) + tuple(self.low_rank(image_embeddings))
+
+
+def export_page_graphs(model, click_path, cache_path, *, opset: int = 17, quantize: bool = True) -> None:
+    """Write the low-rank click graph (:class:`PageClickGraph`; with ``quantize`` its upscaling's second
+    product in int8, :func:`anyseg.export.quantize.quantize_upscaling`) to ``click_path`` and the page's
+    per-image graph (:class:`PageCacheGraph`) to ``cache_path``."""
+    from pathlib import Path
+
+    from ._common import FORMAT_VERSION, KIND_DECODER, KIND_DECODER_CACHE, META_FORMAT, META_IMG_SIZE, META_KIND, \
+        META_OPSET, check_opset, export_graph
+    from .decoder import CACHE_OUTPUTS, example_decoder_inputs
+    from .quantize import quantize_upscaling
+
+    check_opset(opset)
+    click_path, cache_path = Path(click_path), Path(cache_path)
+    common = {META_FORMAT: FORMAT_VERSION, META_OPSET: str(opset), META_IMG_SIZE: str(int(model.img_size)),
+              "anyseg.embedding_size": str(model.config.embedding_size), "anyseg.page_low_rank": "1"}
+    cache_graph = PageCacheGraph(model)
+    click_graph = PageClickGraph(model)
+    with torch.no_grad():
+        example = example_decoder_inputs(model, num_points=2)
+        export_graph(cache_graph, example[:1], cache_path, opset=opset, input_names=("image_embeddings",),
+                     output_names=CACHE_OUTPUTS + IMAGE_TENSORS, dynamic_axes={},
+                     metadata={META_KIND: KIND_DECODER_CACHE, **common}, external_data=False)
+        images = cache_graph.low_rank(example[0])
+        dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+        metadata = {META_KIND: KIND_DECODER, **common, "anyseg.image_cache": "1", "anyseg.mask_prompt": "0",
+                    "anyseg.multimask_only": "1", "anyseg.upscale_masks": "0", "anyseg.num_masks": "3"}
+        target = click_path.with_name(click_path.stem + "-float32.onnx") if quantize else click_path
+        try:
+            export_graph(click_graph, tuple(images) + example[1:3], target, opset=opset,
+                         input_names=IMAGE_TENSORS + ("point_coords", "point_labels"),
+                         output_names=("iou_predictions", "low_res_masks"), dynamic_axes=dynamic,
+                         metadata=metadata, external_data=False)
+            if quantize:
+                quantize_upscaling(target, click_path)
+        finally:
+            if quantize and target.exists():
+                target.unlink()
