@@ -179,6 +179,11 @@ def test_page_graph_setting(golden_dir, tmp_path):
     assert meta["anyseg.num_masks"] == "3" and meta["anyseg.quantized"] == "int8-upscaling"
     assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 2
     assert approximate.nomask_path.is_file() and approximate.nomask_path != exact.nomask_path
+    # The first click's graph: low-rank, the upscaling's second product in int8, its GELUs fused in tanh form.
+    first = onnx.load(str(approximate.nomask_path))
+    ops = [n.op_type for n in first.graph.node]
+    assert ops.count("MatMulInteger") == 1 and ops.count("FastGelu") == 2 and "Erf" not in ops
+    assert {i.name for i in first.graph.input} == set(IMAGE_TENSORS) | {"point_coords", "point_labels"}
     assert approximate.describe(model)["outputs"]["low_res_masks"].startswith("1x3x")
 
 
