@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import anyseg  # noqa: E402
 from anyseg.geometry import boxes_to_model, coords_to_model  # noqa: E402
-from anyseg.export.page_graph import IMAGE_TENSORS, PageClickGraph, PageImageGraph  # noqa: E402
+from anyseg.export.page_graph import IMAGE_TENSORS, PageClickGraph, PageImageGraph, upscale_grid  # noqa: E402
 from anyseg.server.page_decoder import PAGE_GRAPH_KINDS, DecoderExport, SamPageGraphs  # noqa: E402
 from conftest import mask_iou  # noqa: E402
 
@@ -71,7 +71,8 @@ def test_approximate_graph_masks_match_the_float32_decode(page_graphs, golden_di
     the page asks the server), scores within 1e-3. The graph for prompts without a mask prompt gives
     what the full graph gives for them."""
     model, entry, decoder, cache, nomask = page_graphs
-    assert {i.name for i in nomask.get_inputs()} == set(IMAGE_TENSORS) | {"point_coords", "point_labels"}
+    assert {i.name for i in nomask.get_inputs()} == set(IMAGE_TENSORS) | {"point_coords", "point_labels",
+                                                                       "upscale_grid"}
     predictor = anyseg.SamPredictor(model)
     names = {i.name for i in decoder.get_inputs()}
     assert [o.name for o in decoder.get_outputs()] == ["iou_predictions", "low_res_masks"]
@@ -93,12 +94,24 @@ def test_approximate_graph_masks_match_the_float32_decode(page_graphs, golden_di
                 scores, low = decoder.run(None, {k: v for k, v in feeds.items() if k in names})
                 assert low.shape == (1, 3, 256, 256)
                 if mask_input is None:
-                    # The first click's graph (low-rank, float32 but its last upscaling product).
-                    nomask_scores, nomask_low = nomask.run(None, {i.name: feeds[i.name] for i in nomask.get_inputs()})
+                    # The first click's graph (low-rank, float32 but its last upscaling product), asked for the
+                    # image's tokens only as the page does, then for the whole map as the page does next.
+                    rows, cols = upscale_grid(input_size, model.img_size, 64)
+                    first = {i.name: feeds.get(i.name) for i in nomask.get_inputs()}
+                    first["upscale_grid"] = np.zeros((rows, cols), np.float32)
+                    _, part = nomask.run(None, first)
+                    assert part.shape == (1, 3, 4 * rows, 4 * cols)
+                    nomask_scores, nomask_low = nomask.run(None, {**first, "upscale_grid": np.zeros((64, 64), np.float32)})
                     assert nomask_low.shape == (1, 3, 256, 256)
+                    # The same logits but for the int8 product's activation scale (taken over what is upscaled).
+                    np.testing.assert_allclose(part, nomask_low[..., : 4 * rows, : 4 * cols], atol=0.25, rtol=0)
                     np.testing.assert_allclose(nomask_scores[0], want_scores, atol=1e-3, rtol=0)
-                    got = model.postprocess_masks(torch.from_numpy(nomask_low), input_size, original)[0].numpy() > 0
-                    worst_nomask = min([worst_nomask] + [mask_iou(a, b) for a, b in zip(got, want)])
+                    # The shown masks (from the part, placed in the map) and the whole map's.
+                    padded = np.full_like(nomask_low, -1e4)
+                    padded[..., : 4 * rows, : 4 * cols] = part
+                    for low_map in (padded, nomask_low):
+                        got = model.postprocess_masks(torch.from_numpy(low_map), input_size, original)[0].numpy() > 0
+                        worst_nomask = min([worst_nomask] + [mask_iou(a, b) for a, b in zip(got, want)])
                 masks = model.postprocess_masks(torch.from_numpy(low), input_size, original)[0].numpy() > 0
                 np.testing.assert_allclose(scores[0], want_scores, atol=1e-3, rtol=0)
                 for got, ref in zip(masks, want):
@@ -135,6 +148,9 @@ def test_low_rank_click_graph_is_the_decoder(manifest, golden_dir):
             assert low.shape == want_low.shape == (1, 3, 256, 256)
             torch.testing.assert_close(iou, want_iou, atol=1e-5, rtol=0)
             torch.testing.assert_close(low, want_low, atol=1e-4, rtol=1e-4)
+            # Upscaling part of the image tokens gives those rows and columns of the map, in float32 exactly.
+            _, part = click(*tensors, coords, codes, torch.zeros(43, 61))
+            assert torch.equal(part, low[..., :172, :244])
 
 
 @pytest.mark.slow
@@ -183,7 +199,7 @@ def test_page_graph_setting(golden_dir, tmp_path):
     first = onnx.load(str(approximate.nomask_path))
     ops = [n.op_type for n in first.graph.node]
     assert ops.count("MatMulInteger") == 1 and ops.count("FastGelu") == 2 and "Erf" not in ops
-    assert {i.name for i in first.graph.input} == set(IMAGE_TENSORS) | {"point_coords", "point_labels"}
+    assert {i.name for i in first.graph.input} == set(IMAGE_TENSORS) | {"point_coords", "point_labels", "upscale_grid"}
     assert approximate.describe(model)["outputs"]["low_res_masks"].startswith("1x3x")
 
 
@@ -200,9 +216,11 @@ writeFileSync(process.argv[5], out);
 """
 
 
-def test_page_upscale_of_the_positive_region_only(tmp_path):
-    """static/masks.js computes only the pixels near positive low-res logits: its masks equal the
-    model's postprocessing of the whole map (bilinear to 1024, crop, bilinear to H x W, > 0)."""
+@pytest.mark.parametrize("size", [(534, 800), (800, 534), (37, 53), (1500, 1500)])
+def test_page_upscale_of_the_positive_region_only(tmp_path, size):
+    """static/masks.js computes only the pixels near positive low-res logits, and fills the pixels whose
+    taps all have one sign without mixing them: its masks equal the model's postprocessing of the whole
+    map (bilinear to 1024, crop, bilinear to H x W, > 0), for landscape, portrait, tiny and large images."""
     import shutil
     import subprocess
 
@@ -213,15 +231,17 @@ def test_page_upscale_of_the_positive_region_only(tmp_path):
     if node is None:
         pytest.skip("node is not installed")
     masks_js = (page_decoder.__file__.rsplit("/", 1)[0]) + "/static/masks.js"
-    side, img_size, (h, w) = 256, 1024, (534, 800)
+    side, img_size, (h, w) = 256, 1024, size
     input_h, input_w = resized_shape(h, w, img_size)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:side, :side]
     maps = [np.full((side, side), -5.0), np.full((side, side), 3.0), rng.normal(0, 1, (side, side))]
     for cy, cx, r in ((100, 60, 20), (0, 0, 9), (170, 255, 30), (128, 128, 1.5), (250, 5, 4)):
         maps.append(r - np.hypot(yy - cy, xx - cx) + 0.3 * rng.normal(size=(side, side)))
-    # Past the image's bottom edge (the padding of the model frame): nothing shows.
-    maps.append(np.where(yy > 200, 4.0, -4.0))
+    # Past the image's bottom or right edge (the padding of the model frame): nothing shows.
+    padded = input_h < img_size or input_w < img_size
+    if padded:
+        maps.append(np.where((yy > input_h // 4 + 2) | (xx > input_w // 4 + 2), 4.0, -4.0))
     logits = np.stack(maps).astype(np.float32)
     (tmp_path / "run.mjs").write_text(UPSCALE_JS)
     (tmp_path / "logits.bin").write_bytes(logits.tobytes())
@@ -231,7 +251,9 @@ def test_page_upscale_of_the_positive_region_only(tmp_path):
     got = np.frombuffer((tmp_path / "masks.bin").read_bytes(), np.uint8).reshape(len(maps), h, w)
     up = F.interpolate(torch.from_numpy(logits)[None], (img_size, img_size), mode="bilinear", align_corners=False)
     want = F.interpolate(up[..., :input_h, :input_w], (h, w), mode="bilinear", align_corners=False)[0].numpy() > 0
-    assert not got[0].any() and got[1].all() and not got[-1].any() and not want[-1].any()
+    assert not got[0].any() and got[1].all()
+    assert not padded or (not got[-1].any() and not want[-1].any())
     for i in range(len(maps)):
-        # float32 sums in another order: a pixel whose value is within rounding of 0 may differ
-        assert (got[i].astype(bool) != want[i]).sum() <= 2, i
+        # float32 sums in another order: a pixel whose value is within rounding of 0 may differ (the noise
+        # map has many such pixels: a few per million)
+        assert (got[i].astype(bool) != want[i]).sum() <= max(2, h * w // 500_000), i

@@ -37,7 +37,7 @@ The page runs the graph for the three multimask candidates (the single-mask outp
 from __future__ import annotations
 
 import copy
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,16 @@ from ..fast.decoder import _pixel_shuffle
 #: Per-image tensors the click graph takes, in order (outputs of the per-image graph, same names).
 IMAGE_TENSORS = ("lr_kh0", "lr_vh0", "lr_qh0", "lr_xwo0", "lr_kh1", "lr_vh1", "lr_qh1", "lr_xwo0g", "lr_xwo1",
                  "lr_kh2", "lr_vh2", "lr_base", "lr_stats")
+
+
+def upscale_grid(input_size, img_size: int, grid: int) -> Tuple[int, int]:
+    """Token rows and columns (of the ``grid x grid`` image tokens) whose upscaled logits the model's
+    postprocessing reads for an image resized to ``input_size`` (H, W) in the ``img_size`` frame: the
+    low-res map is upscaled bilinearly to ``img_size`` and cropped to the image, and the last frame row
+    ``H - 1`` reads low-res rows up to ``floor((H - 0.5) / 4 - 0.5) + 1``. The same formula as
+    ``upscaleGrid`` in ``static/decoders.js``."""
+    per_token = img_size // grid
+    return tuple(min(grid, (int(v) + 1) // per_token + 1) for v in input_size)
 
 
 def supported(model) -> bool:
@@ -219,7 +229,11 @@ class PageClickGraph(_Parts):
         return (y[:r] * zt).sum(0), y[r]
 
     def forward(self, kt0, vh0, qt0, xwo0, kt1, vh1, qt1, xwo0g, xwo1, kt2, vh2, base, stats,
-                point_coords: torch.Tensor, point_labels: torch.Tensor):
+                point_coords: torch.Tensor, point_labels: torch.Tensor, upscale_grid: Optional[torch.Tensor] = None):
+        """``upscale_grid``: an ``R x C`` tensor (its values unused) whose shape says which image tokens to
+        upscale, the top-left ``R x C`` of the ``h x w`` grid (the part of the model frame that holds the
+        image, see :func:`upscale_grid`): the logits come out ``1 x 3 x 4R x 4C``, the same values as those
+        rows and columns of the whole map. None: the whole grid."""
         dec = self.mask_decoder
         l0, l1 = dec.transformer.layers
         h, c = self.heads, self.dim
@@ -287,12 +301,19 @@ class PageClickGraph(_Parts):
         up1, ln, _, up2, _ = dec.output_upscaling
         w1, bias1 = self.upscale_weight()
         c4, c8 = up1.out_channels, up2.out_channels
+        hh, ww = self.size
+        if upscale_grid is not None:  # only the tokens of the image's part of the model frame
+            rows, cols = upscale_grid.shape
+            r = zt3.shape[0]
+            zt3 = zt3.reshape(r, hh, ww)[:, :rows, :cols].reshape(r, -1)
+            base = base.reshape(hh, ww, -1)[:rows, :cols].reshape(-1, base.shape[-1])
+            a2 = a2.reshape(hh, ww)[:rows, :cols].reshape(-1)
+            hh, ww = rows, cols
         x = torch.addcmul(torch.addmm(bias1, zt3.t(), m3 @ w1), base, a2.unsqueeze(1))  # N x (a b c4)
         x = F.gelu(F.layer_norm(x.reshape(-1, c4), (c4,), ln.weight, ln.bias, ln.eps), approximate=self.gelu)
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
         x = F.gelu(torch.addmm(up2.bias.repeat(4), x, w2), approximate=self.gelu)  # (N a b) x (a2 b2 c8)
         masks = hyper @ x.reshape(-1, c8).t()  # 3 x (i j a b a2 b2)
-        hh, ww = self.size
         return iou, _pixel_shuffle(masks.unsqueeze(0), hh, ww)
 
 
@@ -355,6 +376,35 @@ def fuse_gelu(path, approximate: bool = True) -> int:
     return len(fused)
 
 
+def _prune(path) -> None:
+    """Remove the nodes whose outputs nothing reads and the stored tensors no node reads (constants the
+    trace left behind), which onnxruntime would otherwise warn about on every load, in the page's
+    console too."""
+    from ._common import require_onnx
+
+    onnx = require_onnx()
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    changed = False
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        kept = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(kept) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(kept)
+        changed = True
+    used = {name for node in graph.node for name in node.input} | outputs
+    stored = [t for t in graph.initializer if t.name in used]
+    if len(stored) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(stored)
+        changed = True
+    if changed:
+        onnx.save_model(model, str(path))
+
+
 def export_page_graphs(model, click_path, cache_path, *, opset: int = 17, quantize: bool = True) -> None:
     """Write the low-rank click graph (:class:`PageClickGraph`) to ``click_path`` and the page's per-image
     graph (:class:`PageCacheGraph`) to ``cache_path``. With ``quantize`` (the page's approximate graph)
@@ -380,19 +430,22 @@ def export_page_graphs(model, click_path, cache_path, *, opset: int = 17, quanti
                      output_names=CACHE_OUTPUTS + IMAGE_TENSORS, dynamic_axes={},
                      metadata={META_KIND: KIND_DECODER_CACHE, **common}, external_data=False)
         images = cache_graph.low_rank(example[0])
-        dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+        dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
+                   "upscale_grid": {0: "rows", 1: "cols"}, "low_res_masks": {2: "height", 3: "width"}}
+        grid = torch.zeros(click_graph.size[0] // 2 + 1, click_graph.size[1] - 1)  # any shape: traced as dynamic
         metadata = {META_KIND: KIND_DECODER, **common, "anyseg.image_cache": "1", "anyseg.mask_prompt": "0",
                     "anyseg.multimask_only": "1", "anyseg.upscale_masks": "0", "anyseg.num_masks": "3"}
         target = click_path.with_name(click_path.stem + "-float32.onnx") if quantize else click_path
         try:
-            export_graph(click_graph, tuple(images) + example[1:3], target, opset=opset,
-                         input_names=IMAGE_TENSORS + ("point_coords", "point_labels"),
+            export_graph(click_graph, tuple(images) + example[1:3] + (grid,), target, opset=opset,
+                         input_names=IMAGE_TENSORS + ("point_coords", "point_labels", "upscale_grid"),
                          output_names=("iou_predictions", "low_res_masks"), dynamic_axes=dynamic,
                          metadata=metadata, external_data=False)
             if quantize:
                 quantize_upscaling(target, click_path)
                 if fuse_gelu(click_path) != 2:
                     raise RuntimeError("the click graph's two GELUs were not found to fuse")
+            _prune(click_path)
         finally:
             if quantize and target.exists():
                 target.unlink()

@@ -181,7 +181,9 @@ async function changePrompt(mutate) {
   mutate(state.prompt);
   drawOverlay();
   // Refinement: the chosen candidate's low-res logits go back in with the new prompt.
-  const maskInput = previous && state.prompt.points.length > 1 ? previous.candidates[previous.index].lowRes : null;
+  // (fullLowRes: the whole map, where the in-page decoder first computed only the image's part of it.)
+  const chosen = previous && state.prompt.points.length > 1 ? previous.candidates[previous.index] : null;
+  const maskInput = chosen ? await (chosen.fullLowRes ? chosen.fullLowRes() : chosen.lowRes) : null;
   await runDecode(maskInput);
 }
 

@@ -39,6 +39,7 @@ export class ServerDecoder {
 export class OnnxDecoder {
   constructor(ort, session, cacheSession, info, nomaskSession = null) {
     this.name = 'onnx';
+    this.queue = Promise.resolve(); // graph runs one at a time, in order
     this.ort = ort;
     this.session = session;
     this.cacheSession = cacheSession;
@@ -109,29 +110,69 @@ export class OnnxDecoder {
     }
     // The per-image graph serves both decoder graphs; each takes only the tensors it names.
     for (const key of Object.keys(feeds)) if (!session.inputNames.includes(key)) delete feeds[key];
-    const out = await session.run(feeds);
+    // The first-click graph upscales only the image tokens that the shown masks read (upscale_grid, the
+    // image's part of the model frame); the whole low-res map, which a refining click feeds back, follows
+    // in the background (fullLowRes).
+    const grid = side / 4;
+    let crop = null;
+    if (session.inputNames.includes('upscale_grid')) {
+      crop = upscaleGrid([image.input_height, image.input_width], this.imgSize, grid);
+      feeds.upscale_grid = new Tensor('float32', new Float32Array(crop[0] * crop[1]), crop);
+    }
+    const out = await this.run(session, feeds);
     const low = out.low_res_masks;
     const k = low.dims[1];
-    const lowSide = low.dims[2] * low.dims[3];
     // With four outputs, 0 is the single-mask answer and 1..3 the three candidates.
     const picks = k === 4 ? [1, 2, 3] : [...Array(k).keys()];
     const upscale = (lowRes) => upscaleLogits(lowRes, side, this.imgSize, image.input_height, image.input_width,
       image.height, image.width);
+    let whole = null;
+    if (crop && (crop[0] < grid || crop[1] < grid)) {
+      const fullFeeds = { ...feeds, upscale_grid: new Tensor('float32', new Float32Array(grid * grid), [grid, grid]) };
+      whole = this.run(session, fullFeeds).then((r) => r.low_res_masks);
+      whole.catch(() => {}); // a failure shows when a refining click asks for it
+    }
     // Each candidate's full-size mask is computed when first read: the best one right here (it is
     // shown at once), the others only if the user cycles to them.
     const candidates = picks.map((idx) => {
-      const lowRes = low.data.slice(idx * lowSide, (idx + 1) * lowSide);
+      let lowRes = lowResMap(low, idx, side);
       let mask = null;
       return {
         get mask() { return mask || (mask = upscale(lowRes)); },
         score: out.iou_predictions.data[idx],
-        lowRes,
+        get lowRes() { return lowRes; },
+        fullLowRes: whole ? async () => (lowRes = lowResMap(await whole, idx, side)) : async () => lowRes,
       };
     });
     candidates.sort((a, b) => b.score - a.score);
     void candidates[0].mask;
     return candidates;
   }
+
+  run(session, feeds) {
+    const result = this.queue.then(() => session.run(feeds));
+    this.queue = result.catch(() => {});
+    return result;
+  }
+}
+
+// Token rows and columns (of the grid x grid image tokens) whose upscaled logits the model's
+// postprocessing reads for an image resized to inputSize [H, W] in the model frame: the last frame row
+// H - 1 reads low-res rows up to floor((H - 0.5) / 4 - 0.5) + 1. (anyseg.export.page_graph.upscale_grid)
+export function upscaleGrid(inputSize, imgSize, grid) {
+  const perToken = imgSize / grid;
+  return inputSize.map((v) => Math.min(grid, Math.floor((v + 1) / perToken) + 1));
+}
+
+// Candidate idx of a 1 x k x h x w low-res output as a side x side map; rows and columns past a
+// cropped output are very negative (outside the mask; the shown mask never reads them).
+function lowResMap(low, idx, side) {
+  const [h, w] = [low.dims[2], low.dims[3]];
+  const src = low.data.subarray(idx * h * w, (idx + 1) * h * w);
+  if (h === side && w === side) return src.slice();
+  const map = new Float32Array(side * side).fill(-1e4);
+  for (let r = 0; r < h; r++) map.set(src.subarray(r * w, (r + 1) * w), r * side);
+  return map;
 }
 
 // The best decoder available now: the in-page one when the server has exported its graph and

@@ -199,15 +199,53 @@ export function upscaleLogits(logits, side, imgSize, inputH, inputW, H, W) {
       rows[out + c] = w0 * logits[a0 + c] + w1 * logits[a1 + c] + w2 * logits[a2 + c] + w3 * logits[a3 + c];
     }
   }
-  const { idx, wt } = tx;
+  // Horizontal pass. A pixel's value is a convex mix of its taps, so where all its taps have one sign the
+  // pixel has it too: along each row the low-res columns form runs of one sign, and the pixels whose
+  // taps fall inside one run are filled at once; only the pixels across a sign change are mixed.
+  const { idx, wt } = tx; // per pixel x, the taps idx[4x] <= ... <= idx[4x + 3], growing with x
+  const lastX = new Int32Array(side); // the last pixel whose taps all lie at or left of column c
+  for (let c = 0, x = x0; c < side; c++) {
+    while (x <= x1 && idx[x * 4 + 3] <= c) x++;
+    lastX[c] = x - 1;
+  }
+  const runEnd = new Int32Array(side); // the last column of the one-sign run that holds column c
   for (let y = y0; y <= y1; y++) {
     const row = (y - y0) * side;
+    runEnd[cHi] = cHi;
+    let runs = 1;
+    for (let c = cHi - 1; c >= cLo; c--) {
+      if ((rows[row + c] > 0) === (rows[row + c + 1] > 0)) {
+        runEnd[c] = runEnd[c + 1];
+      } else {
+        runEnd[c] = c;
+        runs++;
+      }
+    }
     const out = y * W;
-    for (let x = x0; x <= x1; x++) {
+    let x = x0;
+    if (4 * runs > cHi - cLo) {
+      // Short runs (a ragged map): mixing every pixel is faster than looking for runs.
+      for (; x <= x1; x++) {
+        const o = x * 4;
+        const v = wt[o] * rows[row + idx[o]] + wt[o + 1] * rows[row + idx[o + 1]]
+          + wt[o + 2] * rows[row + idx[o + 2]] + wt[o + 3] * rows[row + idx[o + 3]];
+        mask[out + x] = v > 0 ? 1 : 0;
+      }
+      continue;
+    }
+    while (x <= x1) {
       const o = x * 4;
-      const v = wt[o] * rows[row + idx[o]] + wt[o + 1] * rows[row + idx[o + 1]]
-        + wt[o + 2] * rows[row + idx[o + 2]] + wt[o + 3] * rows[row + idx[o + 3]];
-      mask[out + x] = v > 0 ? 1 : 0;
+      const end = runEnd[idx[o]];
+      if (idx[o + 3] <= end) {
+        const stop = Math.min(lastX[end], x1);
+        if (rows[row + idx[o]] > 0) mask.fill(1, out + x, out + stop + 1);
+        x = stop + 1;
+      } else {
+        const v = wt[o] * rows[row + idx[o]] + wt[o + 1] * rows[row + idx[o + 1]]
+          + wt[o + 2] * rows[row + idx[o + 2]] + wt[o + 3] * rows[row + idx[o + 3]];
+        mask[out + x] = v > 0 ? 1 : 0;
+        x++;
+      }
     }
   }
   return mask;
