@@ -200,7 +200,10 @@ def test_page_graph_setting(golden_dir, tmp_path):
     ops = [n.op_type for n in first.graph.node]
     assert ops.count("MatMulInteger") == 1 and ops.count("FastGelu") == 2 and "Erf" not in ops
     assert {i.name for i in first.graph.input} == set(IMAGE_TENSORS) | {"point_coords", "point_labels", "upscale_grid"}
-    assert approximate.describe(model)["outputs"]["low_res_masks"].startswith("1x3x")
+    described = approximate.describe(model)
+    assert described["outputs"]["low_res_masks"].startswith("1x3x")
+    assert set(described["nomask_inputs"]) == {i.name for i in first.graph.input}
+    assert set(exact.describe(model)["nomask_inputs"]) == {i.name for i in _session(exact.nomask_path).get_inputs()}
 
 
 UPSCALE_JS = """

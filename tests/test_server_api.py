@@ -377,10 +377,14 @@ def test_exported_decoder_graph_matches_server_decoding(server, dog, model):
     cache_session = ort.InferenceSession(server.get(info["cache_url"]).content, providers=["CPUExecutionProvider"])
     # The page's graph stops at the low-res logits; the page upscales the candidates itself.
     assert [o.name for o in session.get_outputs()] == ["iou_predictions", "low_res_masks"] == list(info["outputs"])
-    # The per-image graph's outputs are the decoder graph's image inputs, by name.
+    # The per-image graph's outputs are the decoder graphs' image inputs, by name.
     cache_outputs = [o.name for o in cache_session.get_outputs()]
-    assert [i.name for i in session.get_inputs()][:len(cache_outputs)] == cache_outputs
+    image_inputs = [i.name for i in session.get_inputs()][:4]
+    assert cache_outputs[:4] == image_inputs
     assert [i.name for i in session.get_inputs()] == list(info["inputs"])
+    nomask = ort.InferenceSession(server.get(info["nomask_url"]).content, providers=["CPUExecutionProvider"])
+    assert [i.name for i in nomask.get_inputs()] == list(info["nomask_inputs"])
+    assert set(info["nomask_inputs"]) - set(cache_outputs) <= {"point_coords", "point_labels", "upscale_grid"}
     assert [i.name for i in cache_session.get_inputs()] == list(info["cache_inputs"]) == ["image_embeddings"]
     image = dog["info"]
     embedding = np.frombuffer(server.get(f"/api/v1/images/{image['id']}/embedding").content, "<f4").reshape(1, 256, 64, 64)
@@ -393,19 +397,24 @@ def test_exported_decoder_graph_matches_server_decoding(server, dog, model):
         "mask_input": np.zeros((1, 1, 256, 256), np.float32),
         "has_mask_input": np.zeros(1, np.float32),
     }
-    scores, low_res = session.run(None, feeds)
-    # The page upscales as the model does: to 1024 x 1024, crop to the model frame, to the image size.
-    masks = model.postprocess_masks(torch.from_numpy(low_res), (image["input_height"], image["input_width"]),
-                                    (image["height"], image["width"])).numpy()
-    picks = [1, 2, 3] if masks.shape[1] == 4 else list(range(masks.shape[1]))
-    picks.sort(key=lambda k: -scores[0, k])
     served_out = server.post(f"/api/v1/images/{image['id']}/decode",
                              json={"points": points.tolist(), "labels": [1, 0], "format": "coco_rle"}).json()
-    for k, got in zip(picks, served_out["masks"]):
-        assert abs(float(scores[0, k]) - got["score"]) <= 1e-3
-        # the default page graph is the approximate one (int8 upscaling): masks within IoU 0.98
-        least = 0.98 if info["graph"] == "approximate" else 0.999
-        assert mask_iou(masks[0, k] > 0, coco_rle_to_mask(got["mask"])) >= least
+    # The graph with mask inputs, and the first-click graph (whole map) as the page runs them.
+    first = {k: v for k, v in feeds.items() if k in info["nomask_inputs"]}
+    if "upscale_grid" in info["nomask_inputs"]:
+        first["upscale_grid"] = np.zeros((64, 64), np.float32)
+    for graph, graph_feeds in ((session, {k: v for k, v in feeds.items() if k in info["inputs"]}), (nomask, first)):
+        scores, low_res = graph.run(None, graph_feeds)
+        # The page upscales as the model does: to 1024 x 1024, crop to the model frame, to the image size.
+        masks = model.postprocess_masks(torch.from_numpy(low_res), (image["input_height"], image["input_width"]),
+                                        (image["height"], image["width"])).numpy()
+        picks = [1, 2, 3] if masks.shape[1] == 4 else list(range(masks.shape[1]))
+        picks.sort(key=lambda k: -scores[0, k])
+        for k, got in zip(picks, served_out["masks"]):
+            assert abs(float(scores[0, k]) - got["score"]) <= 1e-3
+            # the default page graph is the approximate one (int8 upscaling): masks within IoU 0.98
+            least = 0.98 if info["graph"] == "approximate" else 0.999
+            assert mask_iou(masks[0, k] > 0, coco_rle_to_mask(got["mask"])) >= least
 
 
 # ------------------------------------------------------------------------------ embedding cache

@@ -96,7 +96,10 @@ class SamPageGraphs:
 
     @staticmethod
     def describe(model, graph: str = "approximate") -> Dict[str, Dict[str, str]]:
-        """Input and output names and shapes of the two graphs (``cache_inputs``, ``inputs``, ``outputs``)."""
+        """Input and output names and shapes of the graphs (``cache_inputs``, ``inputs``, ``nomask_inputs``,
+        ``outputs``)."""
+        from ..export import page_graph
+
         g = model.prompt_encoder.image_embedding_size
         side = model.prompt_encoder.mask_input_size[0]
         dim = model.prompt_encoder.embed_dim
@@ -105,14 +108,22 @@ class SamPageGraphs:
         first = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image
         h = first.num_heads
         d = first.q_proj.out_features // h
+        inputs = {"image_keys": f"1x{n}x{dim} (from the per-image graph)",
+                  "image_key_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
+                  "image_value_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
+                  "image_query_proj": f"1x{n}x{h * d} (from the per-image graph)",
+                  "point_coords": "1xNx2 (model frame)", "point_labels": "1xN",
+                  "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1"}
+        nomask = {k: v for k, v in inputs.items() if k not in ("mask_input", "has_mask_input")}
+        if graph == "approximate" and page_graph.supported(model):
+            nomask = {name: "(from the per-image graph)" for name in page_graph.IMAGE_TENSORS}
+            nomask.update({"point_coords": "1xNx2 (model frame)", "point_labels": "1xN",
+                           "upscale_grid": f"RxC, R, C <= {g[0]}, {g[1]}: upscale the top-left R x C image tokens "
+                                           "(low_res_masks then 1x3x4Rx4C)"})
         return {
             "cache_inputs": {"image_embeddings": f"1x{dim}x{g[0]}x{g[1]}"},
-            "inputs": {"image_keys": f"1x{n}x{dim} (from the per-image graph)",
-                       "image_key_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
-                       "image_value_proj": f"1x{h}x{n}x{d} (from the per-image graph)",
-                       "image_query_proj": f"1x{n}x{h * d} (from the per-image graph)",
-                       "point_coords": "1xNx2 (model frame)", "point_labels": "1xN",
-                       "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1"},
+            "inputs": inputs,
+            "nomask_inputs": nomask,
             "outputs": {"iou_predictions": f"1x{k}", "low_res_masks": f"1x{k}x{side}x{side} (upscaled by the page)"},
         }
 
@@ -172,7 +183,7 @@ class DecoderExport:
     def describe(self, model) -> Dict[str, Dict[str, str]]:
         """The graphs' input and output names and shapes (empty for a family without page graphs)."""
         if self.graphs is None:
-            return {"cache_inputs": {}, "inputs": {}, "outputs": {}}
+            return {"cache_inputs": {}, "inputs": {}, "nomask_inputs": {}, "outputs": {}}
         return self.graphs.describe(model, self.graph)
 
     def wait(self, timeout: Optional[float] = None) -> str:

@@ -58,18 +58,24 @@ class DecoderInfo(BaseModel):
                                      "once per image on its embedding, its outputs are the decoder graph's image "
                                      "inputs")
     nomask_url: Optional[str] = Field(None, description="where to fetch the decoder graph for prompts without a "
-                                      "mask prompt when ready: the decoder graph's inputs less mask_input and "
-                                      "has_mask_input, the same outputs, less work per click")
+                                      "mask prompt (a first click) when ready, inputs in nomask_inputs: with the "
+                                      "exact setting the decoder graph's inputs less mask_input and has_mask_input; "
+                                      "with the approximate setting the low-rank graph, which also takes "
+                                      "upscale_grid, an R x C tensor whose shape says which image tokens to "
+                                      "upscale (low_res_masks then 1 x 3 x 4R x 4C)")
     runtime_url: Optional[str] = Field(None, description="onnxruntime-web module served for the page, if installed")
     opset: int
     cache_inputs: Dict[str, str] = Field(default_factory=dict, description="per-image graph input names and shapes")
     inputs: Dict[str, str] = Field(default_factory=dict, description="decoder graph input names and shapes")
+    nomask_inputs: Dict[str, str] = Field(default_factory=dict,
+                                          description="input names and shapes of the graph at nomask_url")
     outputs: Dict[str, str] = Field(default_factory=dict, description="graph output names and shapes")
     img_size: int = Field(..., description="the model's input size: long side of the model frame")
     mask_side: int = Field(..., description="side of the low-res logits (and of mask_input)")
     graph: Literal["approximate", "exact"] = Field(
         "approximate", description="which decoder graph the page gets (anyseg serve --page-graph): approximate "
-        "(the three candidates only, int8 upscaling; masks within IoU 0.98 of the server's) or exact (float32)")
+        "(the three candidates only, int8 upscaling products, a low-rank first-click graph; masks within IoU 0.98 "
+        "of the server's) or exact (float32)")
 
 
 class ImageInfo(BaseModel):
