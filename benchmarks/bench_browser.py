@@ -26,11 +26,12 @@ padding point, no mask input) with each, with 1 and 2 WebAssembly threads:
   approx:dense the first-click graph the approximate setting used before the low-rank one, for
              comparison: cache+js without the mask inputs, three candidates, the upscaling's two
              products in int8 (it forms the 4096 x 256 image tokens of each block per click).
-  approx:mask the approximate graph with the mask inputs, which the page runs for a refining click
-             (cache+js with the three candidates only and the upscaling's two products in int8).
+  approx:mask the approximate graph with the mask inputs, which the page runs for a refining click:
+             the low-rank graph with the mask prompt's terms (timed here with has_mask_input 0, the
+             same work), upscaling the image's tokens.
 
-The ``cache`` row times the page's per-image graph (run once per image): with the approximate setting
-it also computes the low-rank graph's per-image tensors.
+The ``cache`` row times the per-image graph of cache+js (the exact setting's, run once per image);
+``approx:cache`` the approximate setting's (the low-rank graphs' per-image tensors).
 
 With a golden checkpoint (the default), the approximate graphs are also run in the page on the golden
 image embeddings and every golden predictor prompt (the first-click graph for prompts without a mask
@@ -351,7 +352,7 @@ def main(argv=None) -> int:
     import torch
 
     import anyseg
-    from anyseg.export import export_decoder
+    from anyseg.export import export_decoder, export_decoder_cache
     from anyseg.fast.decoder import FastDecoder
     from anyseg.server.page_decoder import SamPageGraphs
 
@@ -365,10 +366,10 @@ def main(argv=None) -> int:
     # kind -> (decoder graph, per-image graph or None)
     graphs = {"faithful": ("decoder.onnx", None), "fast": ("decoder-fast.onnx", None),
               "fast+js": ("decoder-fast-lowres.onnx", None),
-              "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache.onnx"),
-              "cache:tf": ("decoder-transformer-only.onnx", "decoder-cache.onnx"),
+              "cache+js": ("decoder-fast-lowres-cached.onnx", "decoder-cache-dense.onnx"),
+              "cache:tf": ("decoder-transformer-only.onnx", "decoder-cache-dense.onnx"),
               "approx+js": ("decoder-page-approximate-nomask.onnx", "decoder-cache.onnx"),
-              "approx:dense": ("decoder-page-dense-nomask.onnx", "decoder-cache.onnx"),
+              "approx:dense": ("decoder-page-dense-nomask.onnx", "decoder-cache-dense.onnx"),
               "approx:mask": ("decoder-page-approximate.onnx", "decoder-cache.onnx")}
     if args.graphs:
         wanted = args.graphs.split(",")
@@ -387,6 +388,7 @@ def main(argv=None) -> int:
                 export_decoder(model, work / graphs[kind][0], **options)
         SamPageGraphs.export(model, work / "decoder-page-approximate.onnx", work / "decoder-cache.onnx", "approximate",
                              work / "decoder-page-approximate-nomask.onnx")
+        export_decoder_cache(model, work / "decoder-cache-dense.onnx")  # the exact setting's per-image graph
         if "approx:dense" in graphs:
             from anyseg.export.quantize import quantize_upscaling
 
@@ -416,6 +418,8 @@ def main(argv=None) -> int:
                     rows.append(("onnxruntime-web (wasm)", kind, threads, result["graphs"][name]))
                     if kind == "cache+js":
                         rows.append(("onnxruntime-web (wasm)", "cache", threads, result["caches"][name]))
+                    if kind == "approx+js":
+                        rows.append(("onnxruntime-web (wasm)", "approx:cache", threads, result["caches"][name]))
                 if threads == thread_counts[-1]:
                     quality = _page_quality(page, work, model, Path(args.checkpoint), shared)
                 page.close()
@@ -429,6 +433,8 @@ def main(argv=None) -> int:
             rows.append(("onnxruntime (native)", kind, threads, clicks))
             if kind == "cache+js":
                 rows.append(("onnxruntime (native)", "cache", threads, cache_times))
+            if kind == "approx+js":
+                rows.append(("onnxruntime (native)", "approx:cache", threads, cache_times))
 
     print(f"\ndecoder, one click, masks at {height}x{width}: {Path(args.checkpoint).name}, "
           f"{args.repeats} repeats, {os.cpu_count()} CPUs")

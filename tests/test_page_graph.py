@@ -13,7 +13,8 @@ ort = pytest.importorskip("onnxruntime")
 
 import anyseg  # noqa: E402
 from anyseg.geometry import boxes_to_model, coords_to_model  # noqa: E402
-from anyseg.export.page_graph import IMAGE_TENSORS, PageClickGraph, PageImageGraph, upscale_grid  # noqa: E402
+from anyseg.export.page_graph import (IMAGE_TENSORS, MASK_TENSORS, PageClickGraph, PageImageGraph,  # noqa: E402
+                                      upscale_grid)
 from anyseg.server.page_decoder import PAGE_GRAPH_KINDS, DecoderExport, SamPageGraphs  # noqa: E402
 from conftest import mask_iou  # noqa: E402
 
@@ -90,7 +91,8 @@ def test_approximate_graph_masks_match_the_float32_decode(page_graphs, golden_di
                 want, want_scores, _ = predictor.predict(
                     None if points is None else np.array(points), None if labels is None else np.array(labels),
                     None if box is None else np.array(box), mask_input=mask_input, multimask_output=True)
-                feeds = {**image, **_page_feeds(points, labels, box, mask_input, original)}
+                feeds = {**image, **_page_feeds(points, labels, box, mask_input, original),
+                         "upscale_grid": np.zeros((64, 64), np.float32)}
                 scores, low = decoder.run(None, {k: v for k, v in feeds.items() if k in names})
                 assert low.shape == (1, 3, 256, 256)
                 if mask_input is None:
@@ -124,15 +126,18 @@ def test_approximate_graph_masks_match_the_float32_decode(page_graphs, golden_di
 
 
 def test_low_rank_click_graph_is_the_decoder(manifest, golden_dir):
-    """The low-rank click graph's function in PyTorch (before export) against the mask decoder on a golden
-    image embedding: one click, several clicks, a box; logits to float32 rounding."""
+    """The low-rank click graphs' function in PyTorch (before export) against the mask decoder on a golden
+    image embedding: one click, several clicks, a box, each without and with a mask prompt; logits to
+    float32 rounding."""
     model = anyseg.load_model(golden_dir / manifest["mobilesam"]["checkpoint"], device="cpu")
     golden = np.load(golden_dir / manifest["mobilesam"]["predictor"][0]["file"])
     emb = torch.from_numpy(golden["image_embedding"].astype(np.float32))
-    images, click = PageImageGraph(model), PageClickGraph(model)
+    images, click, refine = PageImageGraph(model), PageClickGraph(model), PageClickGraph(model, mask_prompt=True)
+    mask_input = torch.from_numpy(golden["refine_mask_input"].astype(np.float32)).reshape(1, 1, 256, 256)
     prompts = [([[500.0, 300.0]], [1]), ([[500.0, 300.0], [200.0, 700.0], [900.0, 100.0]], [1, 0, 1])]
     with torch.no_grad():
         tensors = images(emb)
+        plain = tensors[: len(IMAGE_TENSORS)]
         for points, labels in prompts + [(None, None)]:
             if points is None:  # a box: its two corners
                 coords, codes = torch.tensor([[[100.0, 200.0], [600.0, 900.0]]]), torch.tensor([[2.0, 3.0]])
@@ -142,15 +147,25 @@ def test_low_rank_click_graph_is_the_decoder(manifest, golden_dir):
                 coords = torch.tensor([points + [[0.0, 0.0]]])
                 codes = torch.tensor([labels + [-1]], dtype=torch.float32)
                 sparse, dense = model.prompt_encoder(points=(coords[:, :-1], codes[:, :-1]), boxes=None, masks=None)
-            iou, low = click(*tensors, coords, codes)
+            iou, low = click(*plain, coords, codes)
             want_low, want_iou = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense,
                                                     multimask_output=True)
             assert low.shape == want_low.shape == (1, 3, 256, 256)
             torch.testing.assert_close(iou, want_iou, atol=1e-5, rtol=0)
             torch.testing.assert_close(low, want_low, atol=1e-4, rtol=1e-4)
             # Upscaling part of the image tokens gives those rows and columns of the map, in float32 exactly.
-            _, part = click(*tensors, coords, codes, torch.zeros(43, 61))
+            _, part = click(*plain, coords, codes, torch.zeros(43, 61))
             assert torch.equal(part, low[..., :172, :244])
+            # The graph with the mask inputs: without a mask (has_mask_input 0) the same, with one the
+            # decoder's answer to the mask prompt.
+            iou0, low0 = refine(*tensors, coords, codes, mask_input, torch.tensor([0.0]))
+            torch.testing.assert_close(low0, want_low, atol=1e-4, rtol=1e-4)
+            iou1, low1 = refine(*tensors, coords, codes, mask_input, torch.tensor([1.0]))
+            dense = model.prompt_encoder.embed_masks(mask_input)
+            want_low, want_iou = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense,
+                                                    multimask_output=True)
+            torch.testing.assert_close(iou1, want_iou, atol=1e-5, rtol=0)
+            torch.testing.assert_close(low1, want_low, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -193,7 +208,11 @@ def test_page_graph_setting(golden_dir, tmp_path):
     graph = onnx.load(str(approximate.path))
     meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["anyseg.num_masks"] == "3" and meta["anyseg.quantized"] == "int8-upscaling"
-    assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 2
+    # Low-rank with the mask inputs: the upscaling's second product in int8, all its GELUs fused.
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulInteger") == 1 and ops.count("FastGelu") == 4 and "Erf" not in ops
+    assert {i.name for i in graph.graph.input} == set(IMAGE_TENSORS) | set(MASK_TENSORS) | {
+        "point_coords", "point_labels", "mask_input", "has_mask_input", "upscale_grid"}
     assert approximate.nomask_path.is_file() and approximate.nomask_path != exact.nomask_path
     # The first click's graph: low-rank, the upscaling's second product in int8, its GELUs fused in tanh form.
     first = onnx.load(str(approximate.nomask_path))
@@ -203,6 +222,7 @@ def test_page_graph_setting(golden_dir, tmp_path):
     described = approximate.describe(model)
     assert described["outputs"]["low_res_masks"].startswith("1x3x")
     assert set(described["nomask_inputs"]) == {i.name for i in first.graph.input}
+    assert set(described["inputs"]) == {i.name for i in graph.graph.input}
     assert set(exact.describe(model)["nomask_inputs"]) == {i.name for i in _session(exact.nomask_path).get_inputs()}
 
 

@@ -48,6 +48,9 @@ from ..fast.decoder import _pixel_shuffle
 #: Per-image tensors the click graph takes, in order (outputs of the per-image graph, same names).
 IMAGE_TENSORS = ("lr_kh0", "lr_vh0", "lr_qh0", "lr_xwo0", "lr_kh1", "lr_vh1", "lr_qh1", "lr_xwo0g", "lr_xwo1",
                  "lr_kh2", "lr_vh2", "lr_base", "lr_stats")
+#: The per-image tensors that the click graph with a mask prompt takes besides (``X0`` times the mask
+#: embedding's last layer, for the layer norms' statistics).
+MASK_TENSORS = ("lr_xwm", "lr_xwmg")
 
 
 def upscale_grid(input_size, img_size: int, grid: int) -> Tuple[int, int]:
@@ -111,7 +114,8 @@ class PageImageGraph(_Parts):
     layer norms' statistics); ``lr_kh1``/``lr_vh1``/``lr_qh1`` and ``lr_kh2``/``lr_vh2``: the second
     block's and the final attention's projections of ``X0 diag(G)``. Values are ``H x N x d``, the others
     ``H x d x N`` (the image axis last, as the products against few tokens want it). ``lr_base``:
-    ``X0 diag(G_2) W1``, ``N x 4 c4``; ``lr_stats``: ``9 x N`` per-token inner products."""
+    ``X0 diag(G_2) W1``, ``N x 4 c4``; ``lr_stats``: ``11 x N`` per-token inner products; ``lr_xwm``,
+    ``lr_xwmg``: ``X0`` times the mask embedding's last layer (``m x N``, for a mask prompt)."""
 
     def forward(self, image_embeddings: torch.Tensor):
         dec = self.mask_decoder
@@ -130,10 +134,14 @@ class PageImageGraph(_Parts):
         wo0, bo0 = l0.cross_attn_image_to_token.out_proj.weight, l0.cross_attn_image_to_token.out_proj.bias
         wo1, bo1 = l1.cross_attn_image_to_token.out_proj.weight, l1.cross_attn_image_to_token.out_proj.bias
         w1, _ = self.upscale_weight()
+        conv = self.prompt_encoder.mask_projection
+        wm = conv.weight.flatten(1)  # C x m
+        shift = conv.bias - self.prompt_encoder.no_mask_embed.weight[0]  # a mask prompt's constant change of X0
         stats = torch.stack([
             x0.mean(-1), (x0 * x0).sum(-1), x0 @ bo0,          # block 0: mean, sum of squares, . bo0
             xg1.sum(-1), (xg1 * xg1).sum(-1), x0 @ (g1 * g1 * bo0),  # block 1: . g1, |x g1|^2, . g1^2 bo0
             x0 @ (g1 * g1), x0 @ (g1 * b1), xg1 @ bo1,         # . g1^2, . g1 b1, . g1 bo1
+            x0 @ shift, x0 @ (g1 * g1 * shift),                # a mask prompt: . shift, . g1^2 shift
         ], dim=0)
         return (
             ht(xpe @ l0.cross_attn_token_to_image.k_proj.weight.t()),
@@ -149,6 +157,8 @@ class PageImageGraph(_Parts):
             hp(xg12 @ fin.v_proj.weight.t()),
             xg12 @ w1,
             stats,
+            (x0 @ wm).t(),  # m x N
+            ((x0 * (g1 * g1)) @ wm).t(),
         )
 
 
@@ -167,9 +177,10 @@ class PageClickGraph(_Parts):
     The low-rank factors are kept transposed, ``Z^T`` (``r x N``), so that every product and reduction
     over the image runs along its contiguous last axis."""
 
-    def __init__(self, model, gelu_approximate: bool = False) -> None:
+    def __init__(self, model, gelu_approximate: bool = False, mask_prompt: bool = False) -> None:
         super().__init__(model)
         self.gelu = "tanh" if gelu_approximate else "none"
+        self.mask_prompt = bool(mask_prompt)
         dec = self.mask_decoder
         l1 = dec.transformer.layers[1]
         fin = dec.transformer.final_attn_token_to_image
@@ -200,24 +211,24 @@ class PageClickGraph(_Parts):
     def _token_to_image(self, attn, q: torch.Tensor, kt: torch.Tensor, vh: torch.Tensor, a, pek, zt, m):
         """Token-to-image attention of ``T x C`` queries over ``a * X0 diag(G) + Z M`` plus the positional
         encoding: ``kt`` (``H x d x N``), ``vh`` (``H x N x d``) the per-image key and value projections of
-        ``X0 diag(G)`` (with ``a`` None the keys already include the encoding and there is no low-rank
-        part), ``pek`` the encoding's key projection, ``zt`` = ``Z^T``. Returns ``T x C`` (after the output
-        projection)."""
+        ``X0 diag(G)`` (with ``a`` None: ``a`` = 1 and the keys already include the encoding), ``pek`` the
+        encoding's key projection, ``zt`` = ``Z^T`` (None: no low-rank part). Returns ``T x C`` (after the
+        output projection)."""
         h, d = self.heads, self.d
         t = q.shape[0]
         qh = self.heads_of(attn.q_proj(q)) * (d ** -0.5)  # H x T x d
         logits = torch.bmm(qh, kt)  # H x T x N
         if a is not None:
+            logits = logits * a + torch.bmm(qh, pek)
+        if zt is not None:
             qk = torch.bmm(qh, attn.k_proj.weight.view(h, d, self.dim)).reshape(h * t, self.dim)  # (H T) x C
-            low = ((qk @ m.t()) @ zt).reshape(h, t, -1)
-            logits = logits * a + torch.bmm(qh, pek) + low
+            logits = logits + ((qk @ m.t()) @ zt).reshape(h, t, -1)
         p = torch.softmax(logits, dim=-1)  # over the image axis, the last: ONNX's fused Softmax
-        if a is None:
-            out = torch.bmm(p, vh)
-        else:
+        out = torch.bmm(p if a is None else p * a, vh)
+        if zt is not None:
             pz = (p.reshape(h * t, -1) @ zt.t()).reshape(h, t, -1)  # H x T x r
             mv = torch.matmul(m, attn.v_proj.weight.view(h, d, self.dim).transpose(1, 2))  # H x r x d
-            out = torch.bmm(p * a, vh) + torch.bmm(pz, mv)
+            out = out + torch.bmm(pz, mv)
         out = out + attn.v_proj.bias.view(h, 1, d)
         return attn.out_proj(out.transpose(0, 1).reshape(t, h * d))
 
@@ -228,12 +239,26 @@ class PageClickGraph(_Parts):
         y = torch.cat([m @ m.t(), m.mean(-1, keepdim=True).t()], dim=0) @ zt  # (r + 1) x N
         return (y[:r] * zt).sum(0), y[r]
 
-    def forward(self, kt0, vh0, qt0, xwo0, kt1, vh1, qt1, xwo0g, xwo1, kt2, vh2, base, stats,
-                point_coords: torch.Tensor, point_labels: torch.Tensor, upscale_grid: Optional[torch.Tensor] = None):
-        """``upscale_grid``: an ``R x C`` tensor (its values unused) whose shape says which image tokens to
-        upscale, the top-left ``R x C`` of the ``h x w`` grid (the part of the model frame that holds the
-        image, see :func:`upscale_grid`): the logits come out ``1 x 3 x 4R x 4C``, the same values as those
-        rows and columns of the whole map. None: the whole grid."""
+    def forward(self, *args: torch.Tensor):
+        """``(*IMAGE_TENSORS[, *MASK_TENSORS], point_coords, point_labels[, mask_input, has_mask_input][,
+        upscale_grid])``: the mask tensors and inputs with ``mask_prompt``. ``mask_input`` ``1 x 1 x 4h x
+        4w`` low-res logits and ``has_mask_input`` ``1`` (1 to use them, 0 for none) as in the reference
+        ONNX decoder. ``upscale_grid``: an ``R x C`` tensor (its values unused) whose shape says which image
+        tokens to upscale, the top-left ``R x C`` of the ``h x w`` grid (the part of the model frame that
+        holds the image, see :func:`upscale_grid`): the logits come out ``1 x 3 x 4R x 4C``, the same
+        values as those rows and columns of the whole map. Without it, the whole grid."""
+        kt0, vh0, qt0, xwo0, kt1, vh1, qt1, xwo0g, xwo1, kt2, vh2, base, stats = args[:13]
+        rest = list(args[13:])
+        xwm = xwmg = mask_input = has_mask = None
+        if self.mask_prompt:
+            xwm, xwmg = rest[:2]
+            rest = rest[2:]
+        point_coords, point_labels = rest[:2]
+        rest = rest[2:]
+        if self.mask_prompt:
+            mask_input, has_mask = rest[:2]
+            rest = rest[2:]
+        grid = rest[0] if rest else None
         dec = self.mask_decoder
         l0, l1 = dec.transformer.layers
         h, c = self.heads, self.dim
@@ -242,18 +267,36 @@ class PageClickGraph(_Parts):
         tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight, sparse], dim=0)  # T x C
         t = tokens.shape[0]
 
-        # Block 0: the image is X0 itself.
+        # A mask prompt changes X0 by has * (hidden Wm^T + shift): a rank-m term and a constant row.
+        ztm = mm = None
+        if self.mask_prompt:
+            pe = self.prompt_encoder
+            conv = pe.mask_projection
+            hidden = pe.mask_features(mask_input)[0].flatten(1) * has_mask  # m x N
+            ztm = torch.cat([hidden, has_mask.reshape(1, 1).expand(1, n)], dim=0)  # (m + 1) x N
+            mm = torch.cat([conv.weight.flatten(1).t(), (conv.bias - pe.no_mask_embed.weight[0]).unsqueeze(0)], dim=0)
+
+        # Block 0: the image is X0 (plus the mask prompt's term).
         queries = l0.token_self_attention(tokens[None], tokens[None])[0]
-        out = self._token_to_image(l0.cross_attn_token_to_image, queries + tokens, kt0, vh0, None, None, None, None)
+        out = self._token_to_image(l0.cross_attn_token_to_image, queries + tokens, kt0, vh0, None, None, ztm, mm)
         queries = l0.norm2(queries + out)
         queries = l0.norm3(queries + l0.mlp(queries))
-        kk0, vv0, vo0 = self._token_values(l0.cross_attn_image_to_token, queries, tokens)
-        p0 = _softmax(torch.bmm(kk0, qt0), dim=1)  # H x T x N, over the tokens
+        attn = l0.cross_attn_image_to_token
+        kk0, vv0, vo0 = self._token_values(attn, queries, tokens)
+        logits = torch.bmm(kk0, qt0)
+        if ztm is not None:
+            qk = torch.bmm(kk0, attn.q_proj.weight.view(h, self.d, c)).reshape(h * t, c)
+            logits = logits + ((qk @ mm.t()) @ ztm).reshape(h, t, n)
+        p0 = _softmax(logits, dim=1)  # H x T x N, over the tokens
         zt0 = p0.reshape(h * t, n)  # rows head-major like vo0's
-        # norm4 statistics of S0 = X0 + Z0 vo0 (the probabilities of each head sum to one over T).
+        # norm4 statistics of S0 = X0 + Z0 m0 (the probabilities of each head sum to one over T).
+        cross0 = (p0 * torch.bmm(vv0, xwo0)).sum((0, 1)) + stats[2]
+        if ztm is not None:
+            zt0 = torch.cat([ztm, zt0], dim=0)
+            vo0 = torch.cat([mm, vo0], dim=0)
+            cross0 = cross0 + (hidden * xwm).sum(0) + has_mask * stats[9]
         quad0, zmean0 = self._gram_and_mean(vo0, zt0)
         mean0 = stats[0] + zmean0
-        cross0 = (p0 * torch.bmm(vv0, xwo0)).sum((0, 1)) + stats[2]
         ln0 = l0.norm4
         rstd0 = torch.rsqrt((stats[1] + 2 * cross0 + quad0) / c - mean0 * mean0 + ln0.eps)
         # X1 = a1 X0 diag(g0) + Z1 m1
@@ -278,8 +321,10 @@ class PageClickGraph(_Parts):
         quad1, zmean1 = self._gram_and_mean(m2, zt2)
         mean1 = a1 * stats[3] / c + zmean1
         # X0 diag(g0) m2^T . Z2: the columns of Z1, then the probabilities'.
-        cross1 = (rstd0 * ((p0 * torch.bmm(vv0, xwo0g)).sum((0, 1)) + stats[5])
-                  - mean0 * rstd0 * stats[6] + stats[7]
+        own0 = (p0 * torch.bmm(vv0, xwo0g)).sum((0, 1)) + stats[5]
+        if ztm is not None:
+            own0 = own0 + (hidden * xwmg).sum(0) + has_mask * stats[10]
+        cross1 = (rstd0 * own0 - mean0 * rstd0 * stats[6] + stats[7]
                   + (p1 * torch.bmm(vv1, xwo1)).sum((0, 1)) + stats[8])
         ln1 = l1.norm4
         rstd1 = torch.rsqrt((a1 * a1 * stats[4] + 2 * a1 * cross1 + quad1) / c - mean1 * mean1 + ln1.eps)
@@ -302,8 +347,8 @@ class PageClickGraph(_Parts):
         w1, bias1 = self.upscale_weight()
         c4, c8 = up1.out_channels, up2.out_channels
         hh, ww = self.size
-        if upscale_grid is not None:  # only the tokens of the image's part of the model frame
-            rows, cols = upscale_grid.shape
+        if grid is not None:  # only the tokens of the image's part of the model frame
+            rows, cols = grid.shape
             r = zt3.shape[0]
             zt3 = zt3.reshape(r, hh, ww)[:, :rows, :cols].reshape(r, -1)
             base = base.reshape(hh, ww, -1)[:rows, :cols].reshape(-1, base.shape[-1])
@@ -315,21 +360,6 @@ class PageClickGraph(_Parts):
         x = F.gelu(torch.addmm(up2.bias.repeat(4), x, w2), approximate=self.gelu)  # (N a b) x (a2 b2 c8)
         masks = hyper @ x.reshape(-1, c8).t()  # 3 x (i j a b a2 b2)
         return iou, _pixel_shuffle(masks.unsqueeze(0), hh, ww)
-
-
-class PageCacheGraph(nn.Module):
-    """The page's per-image graph: the four tensors of :func:`anyseg.export.decoder.export_decoder_cache`
-    (``CACHE_OUTPUTS``, for the decoder graph with mask inputs) followed by the :data:`IMAGE_TENSORS`."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        from .decoder import SamOnnxDecoderCache
-
-        self.cache = SamOnnxDecoderCache(model)
-        self.low_rank = PageImageGraph(model)
-
-    def forward(self, image_embeddings: torch.Tensor):
-        return tuple(self.cache(image_embeddings)) + tuple(self.low_rank(image_embeddings))
 
 
 def fuse_gelu(path, approximate: bool = True) -> int:
@@ -405,47 +435,57 @@ def _prune(path) -> None:
         onnx.save_model(model, str(path))
 
 
-def export_page_graphs(model, click_path, cache_path, *, opset: int = 17, quantize: bool = True) -> None:
-    """Write the low-rank click graph (:class:`PageClickGraph`) to ``click_path`` and the page's per-image
-    graph (:class:`PageCacheGraph`) to ``cache_path``. With ``quantize`` (the page's approximate graph)
-    the click graph's upscaling runs its second product in int8
-    (:func:`anyseg.export.quantize.quantize_upscaling`) and its two GELUs in the tanh form
-    (:func:`fuse_gelu`); without, it is the float32 decoder."""
+def export_page_graphs(model, click_path, cache_path, mask_click_path=None, *, opset: int = 17,
+                       quantize: bool = True) -> None:
+    """Write the low-rank click graph for prompts without a mask prompt (:class:`PageClickGraph`) to
+    ``click_path``, the one with the mask inputs to ``mask_click_path`` (when given), and the per-image
+    graph (:class:`PageImageGraph`: outputs :data:`IMAGE_TENSORS` and :data:`MASK_TENSORS`) to
+    ``cache_path``. With ``quantize`` (the page's approximate graphs) the click graphs' upscaling runs its
+    second product in int8 (:func:`anyseg.export.quantize.quantize_upscaling`) and its two GELUs in the
+    tanh form (:func:`fuse_gelu`); without, they are the float32 decoder."""
     from pathlib import Path
 
     from ._common import FORMAT_VERSION, KIND_DECODER, KIND_DECODER_CACHE, META_FORMAT, META_IMG_SIZE, META_KIND, \
         META_OPSET, check_opset, export_graph
-    from .decoder import CACHE_OUTPUTS, example_decoder_inputs
+    from .decoder import example_decoder_inputs
     from .quantize import quantize_upscaling
 
     check_opset(opset)
-    click_path, cache_path = Path(click_path), Path(cache_path)
     common = {META_FORMAT: FORMAT_VERSION, META_OPSET: str(opset), META_IMG_SIZE: str(int(model.img_size)),
               "anyseg.embedding_size": str(model.config.embedding_size), "anyseg.page_low_rank": "1"}
-    cache_graph = PageCacheGraph(model)
-    click_graph = PageClickGraph(model)
+    image_graph = PageImageGraph(model)
     with torch.no_grad():
         example = example_decoder_inputs(model, num_points=2)
-        export_graph(cache_graph, example[:1], cache_path, opset=opset, input_names=("image_embeddings",),
-                     output_names=CACHE_OUTPUTS + IMAGE_TENSORS, dynamic_axes={},
+        export_graph(image_graph, example[:1], Path(cache_path), opset=opset, input_names=("image_embeddings",),
+                     output_names=IMAGE_TENSORS + MASK_TENSORS, dynamic_axes={},
                      metadata={META_KIND: KIND_DECODER_CACHE, **common}, external_data=False)
-        images = cache_graph.low_rank(example[0])
-        dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
-                   "upscale_grid": {0: "rows", 1: "cols"}, "low_res_masks": {2: "height", 3: "width"}}
-        grid = torch.zeros(click_graph.size[0] // 2 + 1, click_graph.size[1] - 1)  # any shape: traced as dynamic
-        metadata = {META_KIND: KIND_DECODER, **common, "anyseg.image_cache": "1", "anyseg.mask_prompt": "0",
-                    "anyseg.multimask_only": "1", "anyseg.upscale_masks": "0", "anyseg.num_masks": "3"}
-        target = click_path.with_name(click_path.stem + "-float32.onnx") if quantize else click_path
-        try:
-            export_graph(click_graph, tuple(images) + example[1:3] + (grid,), target, opset=opset,
-                         input_names=IMAGE_TENSORS + ("point_coords", "point_labels", "upscale_grid"),
-                         output_names=("iou_predictions", "low_res_masks"), dynamic_axes=dynamic,
-                         metadata=metadata, external_data=False)
-            if quantize:
-                quantize_upscaling(target, click_path)
-                if fuse_gelu(click_path) != 2:
-                    raise RuntimeError("the click graph's two GELUs were not found to fuse")
-            _prune(click_path)
-        finally:
-            if quantize and target.exists():
-                target.unlink()
+        images = image_graph(example[0])
+        targets = [(Path(click_path), False)] + ([] if mask_click_path is None else [(Path(mask_click_path), True)])
+        for path, mask_prompt in targets:
+            graph = PageClickGraph(model, mask_prompt=mask_prompt)
+            inputs = IMAGE_TENSORS + (MASK_TENSORS if mask_prompt else ()) + ("point_coords", "point_labels")
+            args = tuple(images[: len(IMAGE_TENSORS)]) + (tuple(images[len(IMAGE_TENSORS):]) if mask_prompt else ()) \
+                + example[1:3]
+            if mask_prompt:
+                inputs += ("mask_input", "has_mask_input")
+                args += example[3:5]
+            grid = torch.zeros(graph.size[0] // 2 + 1, graph.size[1] - 1)  # any shape: traced as dynamic
+            dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
+                       "upscale_grid": {0: "rows", 1: "cols"}, "low_res_masks": {2: "height", 3: "width"}}
+            metadata = {META_KIND: KIND_DECODER, **common, "anyseg.image_cache": "1",
+                        "anyseg.mask_prompt": str(int(mask_prompt)), "anyseg.multimask_only": "1",
+                        "anyseg.upscale_masks": "0", "anyseg.num_masks": "3"}
+            target = path.with_name(path.stem + "-float32.onnx") if quantize else path
+            try:
+                export_graph(graph, args + (grid,), target, opset=opset, input_names=inputs + ("upscale_grid",),
+                             output_names=("iou_predictions", "low_res_masks"), dynamic_axes=dynamic,
+                             metadata=metadata, external_data=False)
+                if quantize:
+                    quantize_upscaling(target, path)
+                    # The upscaling's two, and the mask prompt's embedding's two
+                    if fuse_gelu(path) != (4 if mask_prompt else 2):
+                        raise RuntimeError("the click graph's GELUs were not found to fuse")
+                _prune(path)
+            finally:
+                if quantize and target.exists():
+                    target.unlink()

@@ -35,18 +35,18 @@ PAGE_GRAPH_KINDS = ("approximate", "exact")
 
 
 class SamPageGraphs:
-    """SAM 1's page graphs: the per-image graph (``export_decoder_cache``), which the page runs once per
-    image, and the per-click graph that takes its outputs (``export_decoder(fast=True, upscale_masks=False,
-    image_cache=True)``): the fast decoder arithmetic, stopping at the low-res logits. The page upscales
-    the candidates itself (``static/masks.js``, ``upscaleLogits``).
+    """SAM 1's page graphs: a per-image graph, which the page runs once per image, and per-click graphs
+    that take its outputs and stop at the low-res logits (the page upscales the candidates itself,
+    ``static/masks.js``, ``upscaleLogits``): one with the mask inputs, and one for prompts without a mask
+    prompt (the page's first click on an object), the same function with less work.
 
-    The ``approximate`` decoder graph decodes the three multimask candidates only (``multimask_only``,
-    the page never shows the single-mask output) and runs the upscaling network's two matrix products
-    in int8 (:func:`anyseg.export.quantize.quantize_upscaling`); the ``exact`` one is the float32 graph
-    with all four outputs. Each kind comes with a second decoder graph for prompts without a mask prompt
-    (``mask_prompt=False``: the page's first click on an object), the same function with less work. For
-    the ``approximate`` kind that graph is the low-rank one of :mod:`anyseg.export.page_graph` (float32
-    except the upscaling's second product in int8), and the per-image graph adds the tensors it takes."""
+    ``approximate``: the low-rank graphs of :mod:`anyseg.export.page_graph` (:func:`export_page_graphs`),
+    the three multimask candidates only (the page never shows the single-mask output), float32 except
+    the upscaling's second product in int8 and its GELUs in tanh form, upscaling the image tokens the
+    page asks for (``upscale_grid``). A decoder without two two-way blocks gets the graphs below with
+    ``multimask_only`` and both upscaling products in int8
+    (:func:`anyseg.export.quantize.quantize_upscaling`). ``exact``: ``export_decoder_cache`` and
+    ``export_decoder(fast=True, upscale_masks=False, image_cache=True)``, float32, all four outputs."""
 
     @staticmethod
     def key(model) -> str:
@@ -73,11 +73,11 @@ class SamPageGraphs:
 
         options = dict(opset=DECODER_OPSET, fast=True, upscale_masks=False, image_cache=True)
         low_rank = graph == "approximate" and nomask_path is not None and page_graph.supported(snapshot)
-        targets = [(decoder_path, True)] + ([] if nomask_path is None or low_rank else [(nomask_path, False)])
         if low_rank:
-            # The first click on an object (no mask prompt): the low-rank graph, with its own per-image tensors
-            # after the four of the decoder graph with mask inputs in one per-image graph.
-            page_graph.export_page_graphs(snapshot, nomask_path, cache_path, opset=DECODER_OPSET)
+            # The low-rank graphs, with and without the mask inputs, and their per-image graph.
+            page_graph.export_page_graphs(snapshot, nomask_path, cache_path, decoder_path, opset=DECODER_OPSET)
+            return
+        targets = [(decoder_path, True)] + ([] if nomask_path is None else [(nomask_path, False)])
         for path, mask_prompt in targets:
             if graph == "exact":
                 export_decoder(snapshot, path, mask_prompt=mask_prompt, **options)
@@ -91,8 +91,7 @@ class SamPageGraphs:
             finally:
                 if plain.exists():
                     plain.unlink()
-        if not low_rank:
-            export_decoder_cache(snapshot, cache_path, opset=DECODER_OPSET)
+        export_decoder_cache(snapshot, cache_path, opset=DECODER_OPSET)
 
     @staticmethod
     def describe(model, graph: str = "approximate") -> Dict[str, Dict[str, str]]:
@@ -116,10 +115,13 @@ class SamPageGraphs:
                   "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1"}
         nomask = {k: v for k, v in inputs.items() if k not in ("mask_input", "has_mask_input")}
         if graph == "approximate" and page_graph.supported(model):
-            nomask = {name: "(from the per-image graph)" for name in page_graph.IMAGE_TENSORS}
-            nomask.update({"point_coords": "1xNx2 (model frame)", "point_labels": "1xN",
-                           "upscale_grid": f"RxC, R, C <= {g[0]}, {g[1]}: upscale the top-left R x C image tokens "
-                                           "(low_res_masks then 1x3x4Rx4C)"})
+            tensors = {name: "(from the per-image graph)" for name in page_graph.IMAGE_TENSORS}
+            prompts = {"point_coords": "1xNx2 (model frame)", "point_labels": "1xN"}
+            grid = {"upscale_grid": f"RxC, R, C <= {g[0]}, {g[1]}: upscale the top-left R x C image tokens "
+                                    "(low_res_masks then 1x3x4Rx4C)"}
+            nomask = {**tensors, **prompts, **grid}
+            inputs = {**tensors, **{name: "(from the per-image graph)" for name in page_graph.MASK_TENSORS}, **prompts,
+                      "mask_input": f"1x1x{side}x{side}", "has_mask_input": "1", **grid}
         return {
             "cache_inputs": {"image_embeddings": f"1x{dim}x{g[0]}x{g[1]}"},
             "inputs": inputs,
