@@ -12,16 +12,25 @@ NANO_NOTICE = (
 )
 
 
+def int_at_least(minimum: int, what: str = ""):
+    """An argparse type: an integer >= ``minimum``; ``what`` names it in the message (``a frame index``)."""
+    expected = f"{what} (an integer >= {minimum})" if what else f"an integer >= {minimum}"
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with a message that says so."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
+
+
+#: argparse type: an integer >= 1, with a message that says so.
+positive_int = int_at_least(1)
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, speed: bool = True, device: bool = True) -> None:
     parser.add_argument(

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .common import parse_numbers, positive_int
+from .common import int_at_least, parse_numbers, positive_int
 
 FORMATS = ("png", "json", "video")
 MAX_OBJECT_ID = 255
@@ -160,14 +160,7 @@ def _formats_arg(text: str) -> List[str]:
     return names
 
 
-def _frame_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a frame index (an integer >= 0), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a frame index (an integer >= 0), got {text}")
-    return value
+_frame_arg = int_at_least(0, "a frame index")
 
 
 def register(subparsers) -> None:
