@@ -162,18 +162,22 @@ class EverythingResponse(BaseModel):
     elapsed_ms: float
 
 
-class AutoLabelRequest(_Strict):
+class _ProposalOptions(_Strict):
+    """What a request for proposals (auto-label, concept prompt) shares: which to hide, how to encode."""
+    min_area: int = Field(0, ge=0, description="drop proposals smaller than this many pixels")
+    overlap_thresh: float = Field(0.5, ge=0.0, le=1.0, description="hide proposals whose area is covered by the "
+                                  "image's accepted objects at least this much (fraction of the proposal)")
+    format: MaskFormat = "coco_rle"
+    polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0)
+
+
+class AutoLabelRequest(_ProposalOptions):
     points_per_side: int = Field(16, ge=1, le=64, description="grid of point prompts per image side")
     points_per_batch: int = Field(64, ge=1, le=1024)
     pred_iou_thresh: float = Field(0.9, ge=0.0, le=1.0, description="keep masks whose predicted IoU is above this "
                                    "(confident: higher than segment everything's default)")
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="keep masks at least this stable")
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
-    min_area: int = Field(0, ge=0, description="drop proposals smaller than this many pixels")
-    overlap_thresh: float = Field(0.5, ge=0.0, le=1.0, description="hide proposals whose area is covered by the "
-                                  "image's accepted objects at least this much (fraction of the proposal)")
-    format: MaskFormat = "coco_rle"
-    polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0)
 
 
 class Proposal(BaseModel):
@@ -270,16 +274,11 @@ class ExemplarBox(_Strict):
     positive: bool = Field(True, description="true: things like this; false: not like this")
 
 
-class ConceptRequest(_Strict):
+class ConceptRequest(_ProposalOptions):
     text: Optional[str] = Field(None, max_length=500, description="one phrase, or several separated by '.' "
                                 "(each is its own concept); with only boxes, leave it out")
     boxes: List[ExemplarBox] = Field([], max_length=32, description="exemplar boxes (applied with every phrase)")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep instances whose score exceeds this")
-    min_area: int = Field(0, ge=0, description="drop instances smaller than this many pixels")
-    overlap_thresh: float = Field(0.5, ge=0.0, le=1.0, description="hide instances whose area is covered by the "
-                                  "image's accepted objects at least this much (fraction of the instance)")
-    format: MaskFormat = "coco_rle"
-    polygon_tolerance: float = Field(0.0, ge=0.0, le=100.0)
 
 
 class ConceptInstance(BaseModel):
