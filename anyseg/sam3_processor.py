@@ -139,6 +139,19 @@ class Sam3Processor:
         state.setdefault("geometric_prompt", []).append((box, bool(label)))
         return self._run(state)
 
+    def replay(self, calls: Sequence[Sequence[Any]], state: State) -> State:
+        """Clear the prompts, then apply recorded prompt calls in order: ``("set_text_prompt", phrase)`` and
+        ``("add_geometric_prompt", box, label)`` (the form the golden files record a session in)."""
+        self.reset_all_prompts(state)
+        for call in calls:
+            if call[0] == "set_text_prompt":
+                self.set_text_prompt(call[1], state)
+            elif call[0] == "add_geometric_prompt":
+                self.add_geometric_prompt(call[1], call[2], state)
+            else:
+                raise ValueError(f"unknown prompt call {call[0]!r}: expected set_text_prompt or add_geometric_prompt")
+        return state
+
     def reset_all_prompts(self, state: State) -> None:
         """Remove the phrase, the boxes and the results; keep the image features."""
         for key in ("text_prompt", "geometric_prompt", "detections", "masks_logits", "masks", "boxes", "scores"):

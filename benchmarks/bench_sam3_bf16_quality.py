@@ -24,12 +24,7 @@ def run_image(processor, state_image, entry):
     state = processor.set_image(state_image)
     out = {}
     for case in entry["cases"]:
-        processor.reset_all_prompts(state)
-        for call in case["calls"]:
-            if call[0] == "set_text_prompt":
-                processor.set_text_prompt(call[1], state)
-            else:
-                processor.add_geometric_prompt(call[1], call[2], state)
+        processor.replay(case["calls"], state)
         out[case["name"]] = (state["scores"].numpy().copy(), state["masks"].numpy()[:, 0].copy())
     return out
 

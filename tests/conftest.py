@@ -84,14 +84,3 @@ def check_golden_outputs(name: str, golden, masks: np.ndarray, iou: np.ndarray, 
     flat_want = want_masks.reshape(-1, *want_masks.shape[-2:])
     for got, want in zip(flat_got, flat_want):
         assert mask_iou(got, want) >= 0.999
-
-
-def replay_sam3_case(processor, state, case: dict) -> None:
-    """Apply one golden SAM 3 case's calls (README: ``set_text_prompt`` / ``add_geometric_prompt``, in
-    order, after ``reset_all_prompts``) to an encoded ``state``."""
-    processor.reset_all_prompts(state)
-    for call in case["calls"]:
-        if call[0] == "set_text_prompt":
-            processor.set_text_prompt(call[1], state)
-        else:
-            processor.add_geometric_prompt(call[1], call[2], state)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import GOLDEN, IMAGES, _require, mask_iou, replay_sam3_case, unpack_masks
+from conftest import GOLDEN, IMAGES, _require, mask_iou, unpack_masks
 
 SAM3 = GOLDEN / "sam3"
 MARGIN = 0.01  # detections this close to the threshold may fall on either side of it
@@ -103,7 +103,7 @@ def test_bf16_trunk_keeps_quality_bar(sam3_model):
             processor = Sam3Processor(sam3_model, resolution=1008, confidence_threshold=0.5)
             state = processor.set_image(Image.open(_require(IMAGES) / entry["image"]))
             for case in entry["cases"]:
-                replay_sam3_case(processor, state, case)
+                processor.replay(case["calls"], state)
                 name = case["name"]
                 want_scores = golden[f"{name}_scores"]
                 want_masks = unpack_masks(golden[f"{name}_masks_packed"], golden[f"{name}_masks_shape"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import GOLDEN, IMAGES, _require, mask_iou, replay_sam3_case, unpack_masks
+from conftest import GOLDEN, IMAGES, _require, mask_iou, unpack_masks
 
 pytestmark = pytest.mark.golden
 
@@ -61,8 +61,10 @@ def _run_image(model, entry):
                      "vision_features": feats.fpn[2].numpy(), "fpn0_crop": feats.fpn[0][:, :, :48, :48].numpy(),
                      "fpn1_crop": feats.fpn[1][:, :, :48, :48].numpy(), "vision_pos_enc_2": feats.pos[2].numpy()},
            "hw": (state["original_height"], state["original_width"])}
+    with pytest.raises(ValueError, match="unknown prompt call 'set_mask'"):
+        processor.replay([("set_mask", None)], state)
     for case in entry["cases"]:
-        replay_sam3_case(processor, state, case)
+        processor.replay(case["calls"], state)
         det = state["detections"]
         result = processor.result(state)
         out[case["name"]] = {
