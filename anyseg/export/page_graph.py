@@ -1,11 +1,12 @@
-"""The labelling page's low-rank decoder graphs: SAM 1's decoder for a prompt without a mask prompt, with
-the image side never formed per click.
+"""The labelling page's low-rank decoder graphs: SAM 1's decoder per click (with or without a mask
+prompt), with the image side never formed.
 
 Why this is the same function
 -----------------------------
 Without a mask prompt the image tokens entering the two-way transformer, ``X0`` (the image embedding
-plus the no-mask embedding, ``N x C``), are the same for every prompt. Each block changes them in two
-ways only:
+plus the no-mask embedding, ``N x C``), are the same for every prompt; a mask prompt adds a rank-16
+term and a constant row to them (its embedding's last layer is a 1 x 1 convolution from 16 channels).
+Each block changes them in two ways only:
 
 * the image-to-token attention adds ``P V``: ``P`` the ``N x (T H)`` attention probabilities of the image
   tokens over the ``T`` prompt tokens (``H`` heads) and ``V`` the ``T H`` token values pushed through
@@ -36,14 +37,14 @@ The page runs the graph for the three multimask candidates (the single-mask outp
 """
 from __future__ import annotations
 
-import copy
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fast.decoder import _pixel_shuffle
+from ..fast.decoder import _pixel_shuffle, _softmax_slabs, upscaling_products
+from .decoder import SamOnnxDecoder, _plain_copy
 
 #: Per-image tensors the click graph takes, in order (outputs of the per-image graph, same names).
 IMAGE_TENSORS = ("lr_kh0", "lr_vh0", "lr_qh0", "lr_xwo0", "lr_kh1", "lr_vh1", "lr_qh1", "lr_xwo0g", "lr_xwo1",
@@ -70,10 +71,6 @@ def supported(model) -> bool:
     return layers is not None and len(layers) == 2 and layers[0].skip_first_layer_pe and not layers[1].skip_first_layer_pe
 
 
-def _float_copy(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module).float().cpu().eval()
-
-
 class _Parts(nn.Module):
     """The prompt encoder and mask decoder (float32 copies) and the shapes the graphs use."""
 
@@ -81,13 +78,12 @@ class _Parts(nn.Module):
         super().__init__()
         if not supported(model):
             raise ValueError("the low-rank page graphs need a SAM 1 mask decoder with two two-way blocks")
-        self.prompt_encoder = _float_copy(model.prompt_encoder)
-        self.mask_decoder = _float_copy(model.mask_decoder)
+        self.prompt_encoder = _plain_copy(model.prompt_encoder, False)
+        self.mask_decoder = _plain_copy(model.mask_decoder, False)
         self.img_size = int(model.img_size)
         attn = self.mask_decoder.transformer.layers[0].cross_attn_token_to_image
         self.heads = attn.num_heads
-        self.internal = attn.q_proj.out_features
-        self.d = self.internal // self.heads
+        self.d = attn.q_proj.out_features // self.heads
         self.dim = attn.q_proj.in_features
         size = tuple(int(v) for v in self.prompt_encoder.image_embedding_size)
         self.size = size
@@ -97,12 +93,6 @@ class _Parts(nn.Module):
     def heads_of(self, x: torch.Tensor) -> torch.Tensor:
         """``n x (H d)`` -> ``H x n x d``."""
         return x.reshape(x.shape[0], self.heads, self.d).transpose(0, 1)
-
-    def upscale_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The upscaling's first transposed convolution as a ``C x (a b c4)`` matrix and its bias."""
-        up1 = self.mask_decoder.output_upscaling[0]
-        c, c4 = up1.in_channels, up1.out_channels
-        return up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4)
 
 
 class PageImageGraph(_Parts):
@@ -133,7 +123,7 @@ class PageImageGraph(_Parts):
         xg12 = xg1 * g2
         wo0, bo0 = l0.cross_attn_image_to_token.out_proj.weight, l0.cross_attn_image_to_token.out_proj.bias
         wo1, bo1 = l1.cross_attn_image_to_token.out_proj.weight, l1.cross_attn_image_to_token.out_proj.bias
-        w1, _ = self.upscale_weight()
+        w1 = upscaling_products(dec.output_upscaling)[0]
         conv = self.prompt_encoder.mask_projection
         wm = conv.weight.flatten(1)  # C x m
         shift = conv.bias - self.prompt_encoder.no_mask_embed.weight[0]  # a mask prompt's constant change of X0
@@ -162,24 +152,16 @@ class PageImageGraph(_Parts):
         )
 
 
-def _softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax written out (``exp(x - max) / sum``), the arithmetic of ``softmax``. Over the tokens
-    (``dim=1`` of ``H x T x N``) it runs across contiguous slabs of the image axis."""
-    e = torch.exp(x - x.max(dim=dim, keepdim=True).values)
-    return e / e.sum(dim=dim, keepdim=True)
-
-
 class PageClickGraph(_Parts):
     """Per click: the :data:`IMAGE_TENSORS`, ``point_coords`` ``1 x n x 2`` (model frame) and
     ``point_labels`` ``1 x n`` -> ``iou_predictions`` ``1 x 3`` and ``low_res_masks`` ``1 x 3 x 4h x 4w``
-    (the three multimask candidates). ``gelu_approximate``: the upscaling's GELUs in their tanh form.
+    (the three multimask candidates); with ``mask_prompt`` also the mask inputs (see :meth:`forward`).
 
     The low-rank factors are kept transposed, ``Z^T`` (``r x N``), so that every product and reduction
     over the image runs along its contiguous last axis."""
 
-    def __init__(self, model, gelu_approximate: bool = False, mask_prompt: bool = False) -> None:
+    def __init__(self, model, mask_prompt: bool = False) -> None:
         super().__init__(model)
-        self.gelu = "tanh" if gelu_approximate else "none"
         self.mask_prompt = bool(mask_prompt)
         dec = self.mask_decoder
         l1 = dec.transformer.layers[1]
@@ -194,8 +176,6 @@ class PageClickGraph(_Parts):
             self.register_buffer("pek2", hp(pe @ fin.k_proj.weight.t()).transpose(1, 2).contiguous())
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from .decoder import SamOnnxDecoder
-
         return SamOnnxDecoder._embed_points(self, coords, labels)
 
     def _token_values(self, attn, queries: torch.Tensor, tokens: torch.Tensor):
@@ -287,7 +267,7 @@ class PageClickGraph(_Parts):
         if ztm is not None:
             qk = torch.bmm(kk0, attn.q_proj.weight.view(h, self.d, c)).reshape(h * t, c)
             logits = logits + ((qk @ mm.t()) @ ztm).reshape(h, t, n)
-        p0 = _softmax(logits, dim=1)  # H x T x N, over the tokens
+        p0 = _softmax_slabs(logits)  # H x T x N, over the tokens
         zt0 = p0.reshape(h * t, n)  # rows head-major like vo0's
         # norm4 statistics of S0 = X0 + Z0 m0 (the probabilities of each head sum to one over T).
         cross0 = (p0 * torch.bmm(vv0, xwo0)).sum((0, 1)) + stats[2]
@@ -314,7 +294,7 @@ class PageClickGraph(_Parts):
         kk1, vv1, vo1 = self._token_values(attn, queries, tokens)
         qk = torch.bmm(kk1, attn.q_proj.weight.view(h, self.d, c)).reshape(h * t, c)  # queries' weights folded in
         low = ((qk @ m1.t()) @ zt1).reshape(h, t, n)
-        p1 = _softmax(torch.bmm(kk1, qt1) * a1 + torch.bmm(kk1, self.peq1) + low, dim=1)  # H x T x N
+        p1 = _softmax_slabs(torch.bmm(kk1, qt1) * a1 + torch.bmm(kk1, self.peq1) + low)  # H x T x N
         # S1 = a1 X0 diag(g0) + Z2 m2 with Z2 = [Z1, probabilities], m2 = [m1; vo1].
         zt2 = torch.cat([zt1, p1.reshape(h * t, n)], dim=0)
         m2 = torch.cat([m1, vo1], dim=0)
@@ -344,7 +324,7 @@ class PageClickGraph(_Parts):
 
         # Upscaling: its first layer is a2 * (X0 diag(G) W1) + Z3 (m3 W1) + b1 per token.
         up1, ln, _, up2, _ = dec.output_upscaling
-        w1, bias1 = self.upscale_weight()
+        w1, bias1, w2, bias2 = upscaling_products(dec.output_upscaling)
         c4, c8 = up1.out_channels, up2.out_channels
         hh, ww = self.size
         if grid is not None:  # only the tokens of the image's part of the model frame
@@ -355,23 +335,19 @@ class PageClickGraph(_Parts):
             a2 = a2.reshape(hh, ww)[:rows, :cols].reshape(-1)
             hh, ww = rows, cols
         x = torch.addcmul(torch.addmm(bias1, zt3.t(), m3 @ w1), base, a2.unsqueeze(1))  # N x (a b c4)
-        x = F.gelu(F.layer_norm(x.reshape(-1, c4), (c4,), ln.weight, ln.bias, ln.eps), approximate=self.gelu)
-        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
-        x = F.gelu(torch.addmm(up2.bias.repeat(4), x, w2), approximate=self.gelu)  # (N a b) x (a2 b2 c8)
+        x = F.gelu(F.layer_norm(x.reshape(-1, c4), (c4,), ln.weight, ln.bias, ln.eps))
+        x = F.gelu(torch.addmm(bias2, x, w2))  # (N a b) x (a2 b2 c8)
         masks = hyper @ x.reshape(-1, c8).t()  # 3 x (i j a b a2 b2)
         return iou, _pixel_shuffle(masks.unsqueeze(0), hh, ww)
 
 
-def fuse_gelu(path, approximate: bool = True) -> int:
-    """Replace each GELU of the ONNX graph at ``path`` (the five nodes ``x * 0.5 * (1 + erf(x / sqrt 2))``
-    that PyTorch exports) by one onnxruntime ``com.microsoft`` node, in place: ``FastGelu`` (the tanh
-    form, ``approximate``) or ``Gelu`` (the same function). onnxruntime-web runs ``FastGelu`` in
-    WebAssembly in about half the time of the erf form, which it runs node by node. Returns how many
-    were replaced."""
-    from ._common import require_onnx
+def fuse_gelu(model) -> int:
+    """Replace each GELU of the ONNX ``model`` (a ``ModelProto``; the five nodes
+    ``x * 0.5 * (1 + erf(x / sqrt 2))`` that PyTorch exports) by onnxruntime's fused ``com.microsoft``
+    ``FastGelu`` (the tanh form), in place, which onnxruntime-web runs faster in WebAssembly than the erf
+    form. Returns how many were replaced."""
+    from onnx import helper
 
-    onnx = require_onnx()
-    model = onnx.load(str(path))
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict = {}
@@ -380,6 +356,7 @@ def fuse_gelu(path, approximate: bool = True) -> int:
             consumers.setdefault(i, []).append(n)
 
     def only(name, op):
+        """The single node reading ``name``, if it is an ``op``."""
         found = consumers.get(name, [])
         return found[0] if len(found) == 1 and found[0].op_type == op else None
 
@@ -387,36 +364,28 @@ def fuse_gelu(path, approximate: bool = True) -> int:
     for erf in (n for n in nodes if n.op_type == "Erf"):
         div = producer.get(erf.input[0])
         add = only(erf.output[0], "Add")
-        mul = add is not None and only(add.output[0], "Mul")
-        half = mul is not None and mul is not False and only(mul.output[0], "Mul")
-        if div is None or div.op_type != "Div" or not half or div.input[0] not in mul.input:
+        mul = only(add.output[0], "Mul") if add is not None else None
+        half = only(mul.output[0], "Mul") if mul is not None else None
+        if div is None or div.op_type != "Div" or half is None or div.input[0] not in mul.input:
             continue
-        chain = (div, erf, add, mul, half)
-        dropped.update(id(n) for n in chain)
-        fused[id(half)] = onnx.helper.make_node("FastGelu" if approximate else "Gelu", [div.input[0]], list(half.output),
-                                                name=half.name + "/fused_gelu", domain="com.microsoft")
-    if not fused:
-        return 0
-    kept = [fused.get(id(n), n) for n in nodes if id(n) not in dropped or id(n) in fused]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    onnx.save_model(model, str(path))
+        dropped.update(id(n) for n in (div, erf, add, mul))
+        fused[id(half)] = helper.make_node("FastGelu", [div.input[0]], list(half.output),
+                                           name=half.name + "/fused_gelu", domain="com.microsoft")
+    if fused:
+        kept = [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(fused)
 
 
-def _prune(path) -> None:
-    """Remove the nodes whose outputs nothing reads and the stored tensors no node reads (constants the
-    trace left behind), which onnxruntime would otherwise warn about on every load, in the page's
-    console too."""
-    from ._common import require_onnx
-
-    onnx = require_onnx()
-    model = onnx.load(str(path))
+def _prune(model) -> None:
+    """Remove, in place, the nodes whose outputs nothing reads and the stored tensors no node reads
+    (constants the trace left behind), which onnxruntime would otherwise warn about on every load, in the
+    page's console too."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
-    changed = False
     while True:
         used = {name for node in graph.node for name in node.input} | outputs
         kept = [n for n in graph.node if any(o in used for o in n.output)]
@@ -424,15 +393,9 @@ def _prune(path) -> None:
             break
         del graph.node[:]
         graph.node.extend(kept)
-        changed = True
-    used = {name for node in graph.node for name in node.input} | outputs
     stored = [t for t in graph.initializer if t.name in used]
-    if len(stored) < len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(stored)
-        changed = True
-    if changed:
-        onnx.save_model(model, str(path))
+    del graph.initializer[:]
+    graph.initializer.extend(stored)
 
 
 def export_page_graphs(model, click_path, cache_path, mask_click_path=None, *, opset: int = 17,
@@ -441,16 +404,17 @@ def export_page_graphs(model, click_path, cache_path, mask_click_path=None, *, o
     ``click_path``, the one with the mask inputs to ``mask_click_path`` (when given), and the per-image
     graph (:class:`PageImageGraph`: outputs :data:`IMAGE_TENSORS` and :data:`MASK_TENSORS`) to
     ``cache_path``. With ``quantize`` (the page's approximate graphs) the click graphs' upscaling runs its
-    second product in int8 (:func:`anyseg.export.quantize.quantize_upscaling`) and its two GELUs in the
-    tanh form (:func:`fuse_gelu`); without, they are the float32 decoder."""
+    second product in int8 (:func:`anyseg.export.quantize.quantize_upscaling`) and their GELUs in the tanh
+    form (:func:`fuse_gelu`); without, they are the float32 decoder."""
     from pathlib import Path
 
     from ._common import FORMAT_VERSION, KIND_DECODER, KIND_DECODER_CACHE, META_FORMAT, META_IMG_SIZE, META_KIND, \
-        META_OPSET, check_opset, export_graph
+        META_OPSET, check_opset, export_graph, require_onnx
     from .decoder import example_decoder_inputs
     from .quantize import quantize_upscaling
 
     check_opset(opset)
+    onnx = require_onnx()
     common = {META_FORMAT: FORMAT_VERSION, META_OPSET: str(opset), META_IMG_SIZE: str(int(model.img_size)),
               "anyseg.embedding_size": str(model.config.embedding_size), "anyseg.page_low_rank": "1"}
     image_graph = PageImageGraph(model)
@@ -482,10 +446,12 @@ def export_page_graphs(model, click_path, cache_path, mask_click_path=None, *, o
                              metadata=metadata, external_data=False)
                 if quantize:
                     quantize_upscaling(target, path)
-                    # The upscaling's two, and the mask prompt's embedding's two
-                    if fuse_gelu(path) != (4 if mask_prompt else 2):
-                        raise RuntimeError("the click graph's GELUs were not found to fuse")
-                _prune(path)
+                finished = onnx.load(str(path))
+                # The upscaling's two GELUs, and the mask prompt's embedding's two.
+                if quantize and fuse_gelu(finished) != (4 if mask_prompt else 2):
+                    raise RuntimeError("the click graph's GELUs were not found to fuse")
+                _prune(finished)
+                onnx.save_model(finished, str(path))
             finally:
                 if quantize and target.exists():
                     target.unlink()

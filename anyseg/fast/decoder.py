@@ -226,7 +226,7 @@ def _image_to_token_terms(attn: Attention, tok_k: torch.Tensor, tok_v: torch.Ten
 
 
 def _softmax_slabs(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1 of ``B x T x H x N``. In a traced graph (ONNX export) it is written out as
+    """Softmax over dim 1 (the few tokens of ``B x T x H x N``, or of ``H x T x N``). In a traced graph (ONNX export) it is written out as
     ``exp(x - max) / sum``, the same arithmetic: ONNX Runtime runs a ``Softmax`` along an axis other than
     the last by transposing it there and back, which made this the slowest node of the decoder graph
     (about 14 % of a click natively, more in WebAssembly)."""
@@ -260,6 +260,15 @@ def _pixel_shuffle(m: torch.Tensor, h: int, w: int, out: Optional[torch.Tensor] 
         return shuffled.reshape(n, k, 4 * h, 2 * w).view(m.dtype)
     out.view(pair).view(n, k, h, 2, 2, w, 2).copy_(shuffled)
     return out
+
+
+def upscaling_products(upscaling: nn.Sequential) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mask decoder's upscaling network's two transposed convolutions (kernel = stride = 2) as matrix
+    products on channels-last pixels: ``w1`` ``C x (a b C/4)``, ``b1``, ``w2`` ``C/4 x (a2 b2 C/8)``, ``b2``
+    (each input pixel maps to its own 2 x 2 output block, kept together: see :func:`_pixel_shuffle`)."""
+    up1, _, _, up2, _ = upscaling
+    return (up1.weight.permute(0, 2, 3, 1).reshape(up1.in_channels, 4 * up1.out_channels), up1.bias.repeat(4),
+            up2.weight.permute(0, 2, 3, 1).reshape(up2.in_channels, 4 * up2.out_channels), up2.bias.repeat(4))
 
 
 def _kept(store: dict, key, params: Sequence[torch.Tensor], make):
@@ -675,10 +684,8 @@ class FastDecoder:
         up1, ln, act1, up2, act2 = dec.output_upscaling
         c = up1.in_channels
         c4, c8 = up1.out_channels, up2.out_channels
-        # ConvTranspose2d weight: in x out x 2 x 2 -> in x (a, b, out).
-        w1, b1, w2, b2 = _kept(self._weights, "upscale", [up1.weight, up1.bias, up2.weight, up2.bias], lambda: (
-            up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4), up1.bias.repeat(4),
-            up2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8), up2.bias.repeat(4)))
+        w1, b1, w2, b2 = _kept(self._weights, "upscale", [up1.weight, up1.bias, up2.weight, up2.bias],
+                               lambda: upscaling_products(dec.output_upscaling))
         # The second layer through oneDNN with its exact GELU fused in (same values as PyTorch's GELU).
         fused = onednn.activation_name(act2) == "gelu" and onednn.usable(image_tokens, up2.weight, up2.bias)
         if fused:
