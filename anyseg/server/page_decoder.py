@@ -32,6 +32,8 @@ DECODER_OPSET = 17
 #: The kinds of page decoder graph: ``approximate`` (the default: the three candidates the page shows only,
 #: the upscaling network's two products in int8) and ``exact`` (float32, all four outputs).
 PAGE_GRAPH_KINDS = ("approximate", "exact")
+#: Changes when the graphs' inputs or computation change (2: the low-rank graphs with upscale_grid).
+PAGE_GRAPHS_VERSION = 2
 
 
 class SamPageGraphs:
@@ -50,8 +52,9 @@ class SamPageGraphs:
 
     @staticmethod
     def key(model) -> str:
-        """A hash of the prompt encoder and mask decoder weights (and the opset and input size)."""
-        digest = hashlib.sha256(f"opset{DECODER_OPSET}".encode())
+        """A hash of the prompt encoder and mask decoder weights (and the opset, the input size and the
+        version of the graphs' design, so that graphs cached on disk by an earlier release are not reused)."""
+        digest = hashlib.sha256(f"opset{DECODER_OPSET}/graphs{PAGE_GRAPHS_VERSION}".encode())
         state = {**{f"p.{k}": v for k, v in model.prompt_encoder.state_dict().items()},
                  **{f"d.{k}": v for k, v in model.mask_decoder.state_dict().items()}}
         for key in sorted(state):
@@ -67,9 +70,7 @@ class SamPageGraphs:
                nomask_path: Optional[Path] = None) -> None:
         """Write the decoder graph of kind ``graph``, the per-image graph and (given ``nomask_path``) the
         decoder graph for prompts without a mask prompt."""
-        from ..export import export_decoder, export_decoder_cache  # ImportError without the onnx extra
-
-        from ..export import page_graph
+        from ..export import export_decoder, export_decoder_cache, page_graph  # ImportError without the onnx extra
 
         options = dict(opset=DECODER_OPSET, fast=True, upscale_masks=False, image_cache=True)
         low_rank = graph == "approximate" and nomask_path is not None and page_graph.supported(snapshot)
