@@ -183,7 +183,7 @@ async function changePrompt(mutate) {
   // Refinement: the chosen candidate's low-res logits go back in with the new prompt.
   // (fullLowRes: the whole map, where the in-page decoder first computed only the image's part of it.)
   const chosen = previous && state.prompt.points.length > 1 ? previous.candidates[previous.index] : null;
-  const maskInput = chosen ? await (chosen.fullLowRes ? chosen.fullLowRes() : chosen.lowRes) : null;
+  const maskInput = chosen ? await chosen.fullLowRes() : null;
   await runDecode(maskInput);
 }
 

@@ -1,5 +1,6 @@
 // Two interchangeable mask decoders with one interface:
-//   decode(image, prompt, maskInput) -> [{mask: Uint8Array(H*W), score, lowRes: Float32Array(256*256)}], best first
+//   decode(image, prompt, maskInput) -> [{mask: Uint8Array(H*W), score, lowRes: Float32Array(256*256),
+//     fullLowRes: async () => the whole low-res map (what a refining click feeds back)}], best first
 // OnnxDecoder runs the exported decoder graphs in the page (onnxruntime-web, WebAssembly): a per-image
 // graph once per image (the image side of the decoder's first block), then the decoder graph per
 // prompt; ServerDecoder asks the server. Prompts are in original-image pixels; the ONNX graph wants the
@@ -28,11 +29,10 @@ export class ServerDecoder {
     const result = await postJson(`images/${image.id}/decode`, body);
     const logits = base64ToFloats(result.low_res_logits);
     const side = result.low_res_shape[1] * result.low_res_shape[2];
-    return result.masks.map((m, i) => ({
-      mask: rleToMask(m.mask),
-      score: m.score,
-      lowRes: logits.slice(i * side, (i + 1) * side),
-    }));
+    return result.masks.map((m, i) => {
+      const lowRes = logits.slice(i * side, (i + 1) * side);
+      return { mask: rleToMask(m.mask), score: m.score, lowRes, fullLowRes: async () => lowRes };
+    });
   }
 }
 
